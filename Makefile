@@ -1,0 +1,46 @@
+# Every target installs what it needs into $(VENV) first; pyproject.toml is the one dependency list.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.install-stamp
+PYTEST  := $(PY) -m pytest
+ARGS    ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-full lint format bench clean clean-outputs
+
+help: ## Show the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv and install the project with its dev extras
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: install ## Run the default experiment on the embedded synthetic data set (ARGS="key=value ...")
+	$(PY) train.py $(ARGS)
+
+test: install ## Fast test suite (no slow or GPU tests)
+	$(PYTEST) -m "not slow and not gpu" $(ARGS)
+
+test-full: install ## Every test, slow ones included
+	$(PYTEST) $(ARGS)
+
+lint: install ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## ruff autofix + format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install ## Benchmarks (print ratios measured in one run)
+	$(PY) bench/cam_stage.py
+
+clean-outputs: ## Remove run outputs (outputs/)
+	rm -rf outputs
+
+clean: clean-outputs ## Remove the venv, caches and outputs
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,143 @@
+"""The resumable round driver: rounds 0..cfg.round, each a sequence of stages.
+
+A stage runs unless its DONE.json carries the same config hash (its own config subtrees chained
+with its inputs' hashes), so re-running the same command resumes after a crash and a changed
+setting redoes exactly the stages it affects. Under DDP every rank runs this same function;
+rank-zero-only stages are fenced by barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from src.evaluation.report import load_results, print_results, update_results, write_markdown
+from src.pipeline.artifacts import StageDir, atomic_write_json
+from src.pipeline.runtime import (
+    barrier,
+    build_loggers,
+    config_hash,
+    finish_loggers,
+    is_global_zero,
+    log_metrics,
+    stage_seed,
+)
+from src.pipeline.stage import Stage, StageContext
+from src.pipeline.stages import STAGES
+
+log = logging.getLogger(__name__)
+RUNNING_FILE = "RUNNING.json"
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def check_stages(cfg: DictConfig) -> list[Stage]:
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise PipelineError(f"stages={unknown} unknown; available: {sorted(STAGES)}")
+    stages = [STAGES[s] for s in cfg.stages]
+    seen: set[str] = set()
+    for stage in stages:
+        missing = [i for i in stage.inputs if i not in seen]
+        if missing:
+            raise PipelineError(
+                f"stage {stage.name} needs {missing} earlier in `stages` (got {list(cfg.stages)})"
+            )
+        seen.add(stage.name)
+    return stages
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    """Run (or resume) rounds 0..cfg.round; returns the results dict written to results.json."""
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    stages = check_stages(cfg)
+    if cfg.round < 0:
+        raise PipelineError(f"round={cfg.round} must be >= 0")
+    if is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for round_idx in range(cfg.round + 1):
+        hashes: dict[str, str] = {}
+        for stage in stages:
+            hashes[stage.name] = _run_stage(cfg, run_dir, round_idx, stage, hashes)
+    barrier()
+    results = load_results(run_dir)
+    if is_global_zero():
+        write_markdown(run_dir)
+        print_results(results)
+    return results
+
+
+def _run_stage(
+    cfg: DictConfig, run_dir: Path, round_idx: int, stage: Stage, hashes: dict[str, str]
+) -> str:
+    sdir = StageDir(run_dir, round_idx, stage.name)
+    digest = config_hash(cfg, list(stage.config_keys), [hashes[i] for i in stage.inputs])
+    barrier()  # every rank decides skip-or-run on the same state of the disk
+    if stage.name not in cfg.force and sdir.is_done(digest):
+        log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
+        return digest
+    barrier()
+    if is_global_zero():
+        _prepare_stage_dir(sdir, digest)
+    barrier()
+    seed = stage_seed(cfg.seed, round_idx, stage.name)
+    L.seed_everything(seed, workers=True, verbose=False)
+    ctx = StageContext(
+        cfg=cfg,
+        round=round_idx,
+        name=stage.name,
+        dir=sdir.path,
+        inputs={i: StageDir(run_dir, round_idx, i).path for i in stage.inputs},
+        seed=seed,
+    )
+    log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, seed)
+    start = time.perf_counter()
+    if stage.rank_zero_only and not is_global_zero():
+        barrier()
+        return digest
+    ctx.loggers = build_loggers(cfg, round_idx, stage.name, sdir.path) if is_global_zero() else []
+    status = "failed"
+    try:
+        result = stage.run(ctx)
+        status = "success"
+    finally:
+        finish_loggers(ctx.loggers, status)
+    seconds = time.perf_counter() - start
+    if is_global_zero():
+        log_metrics(ctx.loggers, result.metrics)
+        if result.results is not None:
+            update_results(
+                run_dir,
+                round_idx,
+                result.prefix or stage.name,
+                result.results,
+                seconds={stage.name: round(seconds, 1)},
+                experiment=cfg.experiment_name,
+                seed=cfg.seed,
+            )
+        else:
+            update_results(run_dir, round_idx, stage.name, {}, seconds={stage.name: round(seconds, 1)})
+        sdir.mark_done(digest, metrics=result.metrics, seconds=seconds, artifacts=result.artifacts)
+        (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
+    if stage.rank_zero_only:
+        barrier()
+    return digest
+
+
+def _prepare_stage_dir(sdir: StageDir, digest: str) -> None:
+    """Keep an interrupted attempt at the same config (resume); wipe anything else."""
+    running = sdir.path / RUNNING_FILE
+    same_attempt = running.is_file() and json.loads(running.read_text()).get("config_hash") == digest
+    if same_attempt and sdir.read_done() is None:
+        log.info("resuming interrupted %s", sdir.path)
+        return
+    sdir.reset()
+    atomic_write_json(running, {"config_hash": digest})

@@ -1,0 +1,47 @@
+"""The contract between the driver and a stage function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may touch: its config, its own folder and its inputs' folders."""
+
+    cfg: DictConfig
+    round: int
+    name: str
+    dir: Path
+    inputs: dict[str, Path]
+    seed: int
+    loggers: list[Logger] = field(default_factory=list)
+
+    def checkpoint_to_resume(self) -> str | None:
+        """Lightning's last.ckpt of an interrupted attempt at this same stage config, if any."""
+        last = self.dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+
+
+@dataclass
+class StageResult:
+    """metrics go to DONE.json and the loggers; `results` (if any) into results.json under `prefix`."""
+
+    metrics: dict
+    artifacts: list[str]
+    results: dict | None = None
+    prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], StageResult]
+    config_keys: tuple[str, ...]  # config subtrees whose values change this stage's output
+    inputs: tuple[str, ...] = ()  # stages of the same round whose artifacts it reads
+    rank_zero_only: bool = False  # numpy-only steps: rank 0 works, the others wait

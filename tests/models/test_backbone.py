@@ -1,0 +1,72 @@
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from src.models.backbone import ResNetBackbone, WeightsUnavailableError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "stride"),
+    [
+        (dict(arch="resnet_tiny", norm="train", frozen_stages=0), 16),
+        (dict(arch="resnet18"), 16),
+        (dict(arch="resnet50", strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4), norm="frozen"), 8),
+    ],
+)
+def test_output_stride_and_channels(kwargs, stride):
+    net = ResNetBackbone(**kwargs)
+    feats = net.forward_stages(torch.randn(1, 3, 64, 64))
+    assert net.output_stride == stride
+    assert feats[-1].shape[-1] == 64 // stride
+    assert [f.shape[1] for f in feats] == net.out_channels
+
+
+def test_irnet_freezing_keeps_early_stages_and_bn_statistics_fixed():
+    net = ResNetBackbone(arch="resnet18", norm="fixed", frozen_stages=2)
+    assert not any(p.requires_grad for p in net.stage1.parameters())
+    assert not any(p.requires_grad for p in net.stage2.parameters())
+    assert all(p.requires_grad for p in net.stage4.parameters())
+    net.train()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    before = bns[-1].running_mean.clone()
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert torch.equal(before, bns[-1].running_mean)
+    assert net.stage1[0].weight.grad is None
+
+
+def test_frozen_norm_has_no_trainable_bn():
+    net = ResNetBackbone(arch="resnet18", norm="frozen", frozen_stages=0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert all(p.requires_grad for p in net.parameters())  # convs train, BN holds buffers only
+
+
+def test_weights_path_loads_a_torchvision_state_dict(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    net = ResNetBackbone(arch="resnet18", weights_path=str(path), frozen_stages=0)
+    assert torch.equal(net.stage1[0].weight, reference.conv1.weight)
+    assert torch.equal(net.stage4[0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
+def test_missing_weights_path_names_the_file(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="nope.pth does not exist"):
+        ResNetBackbone(arch="resnet18", weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_offline_machine_gets_instructions(monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError, match=r"(?s)not cached at .*resnet50-.*weights_path"):
+        ResNetBackbone(arch="resnet50", weights="IMAGENET1K_V1")
+
+
+def test_unknown_weight_name():
+    with pytest.raises(ValueError, match="not a torchvision weight"):
+        ResNetBackbone(arch="resnet18", weights="IMAGENET_TYPO")

@@ -1,0 +1,20 @@
+"""Run a WSSS experiment: `python train.py experiment=synth_cam [key=value ...]`."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from src.train import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
