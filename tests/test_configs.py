@@ -15,7 +15,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 def test_default_experiment_is_synthetic():
     cfg = compose_cfg([])
-    assert cfg.experiment_name == "synth_cam"
+    assert cfg.experiment_name == "synth_irnet"
     assert cfg.data.name == "synth"
 
 

@@ -136,10 +136,12 @@ class ResNetBackbone(nn.Module):
             _set_stride_and_dilation(layer, stride, dilation)
         if norm == "frozen":
             _freeze_batchnorm(net)
-        self.stage1 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        # stage1 = stem + layer1 (IRNet's naming); the stem alone feeds the affinity net's first edge.
+        self.stage1 = nn.Sequential(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1)
         self.stage2, self.stage3, self.stage4 = net.layer2, net.layer3, net.layer4
         self.stages = [self.stage1, self.stage2, self.stage3, self.stage4]
         self.out_channels = [_out_channels(s) for s in self.stages]
+        self.stem_channels = net.conv1.out_channels
         self.output_stride = strides[0] * 2 * strides[1] * strides[2] * strides[3]
         self.norm, self.frozen_stages = norm, frozen_stages
         for stage in self.stages[:frozen_stages]:
@@ -157,15 +159,17 @@ class ResNetBackbone(nn.Module):
                     m.eval()
         return self
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """All four stage outputs (the affinity net uses every one as a side output)."""
+    def forward_stages(self, x: torch.Tensor, with_stem: bool = False) -> list[torch.Tensor]:
+        """The four stage outputs; with_stem puts the stem's output (stride 4) in front."""
         feats = []
         for i, stage in enumerate(self.stages):
-            if i < self.frozen_stages:
-                with torch.no_grad():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.frozen_stages):
+                if i == 0 and with_stem:
+                    x = stage[0](x)
+                    feats.append(x)
+                    x = stage[1](x)
+                else:
                     x = stage(x)
-            else:
-                x = stage(x)
             feats.append(x)
         return feats
 

@@ -36,9 +36,13 @@ def barrier() -> None:
 
 def config_hash(cfg: DictConfig, keys: list[str], upstream: list[str]) -> str:
     """Hash of the resolved config subtrees a stage depends on, chained with its inputs' hashes."""
-    picked = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True) for k in keys}
+    picked = {k: _resolved(OmegaConf.select(cfg, k)) for k in keys}
     blob = json.dumps({"cfg": picked, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _resolved(node):
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def stage_seed(base_seed: int, round_idx: int, stage: str) -> int:

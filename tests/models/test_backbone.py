@@ -35,7 +35,7 @@ def test_irnet_freezing_keeps_early_stages_and_bn_statistics_fixed():
     before = bns[-1].running_mean.clone()
     net(torch.randn(2, 3, 64, 64)).sum().backward()
     assert torch.equal(before, bns[-1].running_mean)
-    assert net.stage1[0].weight.grad is None
+    assert net.stage1[0][0].weight.grad is None
 
 
 def test_frozen_norm_has_no_trainable_bn():
@@ -49,7 +49,7 @@ def test_weights_path_loads_a_torchvision_state_dict(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)
     net = ResNetBackbone(arch="resnet18", weights_path=str(path), frozen_stages=0)
-    assert torch.equal(net.stage1[0].weight, reference.conv1.weight)
+    assert torch.equal(net.stage1[0][0].weight, reference.conv1.weight)
     assert torch.equal(net.stage4[0].conv1.weight, reference.layer4[0].conv1.weight)
 
 
@@ -70,3 +70,9 @@ def test_offline_machine_gets_instructions(monkeypatch):
 def test_unknown_weight_name():
     with pytest.raises(ValueError, match="not a torchvision weight"):
         ResNetBackbone(arch="resnet18", weights="IMAGENET_TYPO")
+
+
+def test_stem_output_for_side_branches():
+    net = ResNetBackbone(arch="resnet_tiny", norm="train", frozen_stages=0)
+    feats = net.forward_stages(torch.randn(1, 3, 64, 64), with_stem=True)
+    assert len(feats) == 5 and feats[0].shape[1] == net.stem_channels and feats[0].shape[-1] == 16

@@ -121,6 +121,7 @@ def eval_cams(ctx: StageContext) -> StageResult:
         class_names=list(dataset.class_names),
         configured_threshold=cfg.cam.eval.bg_threshold,
         context_names=_context_names(dataset),
+        sync_on_compute=False,  # scored on rank 0 alone; a sync would wait for idle ranks
     )
     figure_rows = []
     for i, image_id in enumerate(dataset.ids):

@@ -1,0 +1,298 @@
+"""From a ``data`` config to datasets and DataLoaders: the factory and the LightningDataModule.
+
+Stages pick the splits (``train_split``/``val_split``/``predict_split``); the data config only
+says where each split lives (see conf/data/*.yaml).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from src.datamodules.coco import COCOSegmentation
+from src.datamodules.synthetic import ensure_synthetic_voc
+from src.datamodules.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    train_transform,
+    val_transform,
+)
+from src.datamodules.validation import DatasetError
+from src.datamodules.voc import ExtraLoader, SegmentationDataset, Transform, VOCSegmentation
+
+FORMATS = ("voc", "coco")
+
+
+@dataclass(frozen=True)
+class ExtraTarget:
+    """A per-pixel array that rides along with each image, e.g. CONTA's context map M.
+
+    ``load(image_id, (H, W))`` returns an HxW or HxWxC array at the image's original size;
+    ``kind`` says how the geometry treats it: "float" (bilinear, pad 0) or "label" (nearest,
+    pad 255)."""
+
+    kind: Literal["float", "label"]
+    load: ExtraLoader
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def _required(cfg: Any, key: str, where: str) -> Any:
+    value = _get(cfg, key)
+    if value is None:
+        raise DatasetError(f"{where}.{key} is not set. Fix: set it in conf/data/ or on the CLI.")
+    return value
+
+
+def configured_splits(data_cfg: Any) -> list[str]:
+    return list((_get(data_cfg, "splits") or {}).keys())
+
+
+def prepare_data(data_cfg: Any) -> None:
+    """Generate the synthetic set when ``data.name == synth`` (no-op for VOC/COCO on disk)."""
+    if _get(data_cfg, "name") != "synth":
+        return
+    gen = dict(_get(data_cfg, "generator") or {})
+    ensure_synthetic_voc(_required(data_cfg, "root", "data"), **gen)
+
+
+def build_dataset(
+    data_cfg: Any,
+    split: str,
+    transform: Transform | None = None,
+    *,
+    extras: Mapping[str, ExtraLoader] | None = None,
+    validate: bool = True,
+) -> SegmentationDataset:
+    """The reader for ``split`` of the data set described by ``data_cfg`` (a DictConfig)."""
+    splits = _get(data_cfg, "splits") or {}
+    if split not in splits:
+        raise DatasetError(
+            f"split {split!r} is not configured for data set {_get(data_cfg, 'name')!r}; the "
+            f"configured splits are {configured_splits(data_cfg)}. Fix: use one of them or add "
+            f"data.splits.{split}."
+        )
+    if _get(data_cfg, "name") == "synth":
+        prepare_data(data_cfg)  # cheap when present; makes stage functions self-sufficient
+    spec = splits[split]
+    where = f"data.splits.{split}"
+    fmt = _get(data_cfg, "format", "voc")
+    common = {
+        "transform": transform,
+        "on_empty_label": _get(data_cfg, "on_empty_label", "error"),
+        "validate": validate,
+        "extras": extras,
+        "context_dir": _get(spec, "context"),
+    }
+    root = _required(data_cfg, "root", "data")
+    cache_dir = _get(data_cfg, "cache_dir")
+    if fmt == "voc":
+        class_names = _required(data_cfg, "class_names", "data")
+        num_classes = _get(data_cfg, "num_classes")
+        if num_classes is not None and int(num_classes) != len(class_names):
+            raise DatasetError(
+                f"data.num_classes={num_classes} but data.class_names lists {len(class_names)} "
+                "names (background included). Fix: make them agree."
+            )
+        ds: SegmentationDataset = VOCSegmentation(
+            root,
+            _required(spec, "list", where),
+            _required(spec, "masks", where),
+            list(class_names),
+            image_dir=_get(spec, "images", "JPEGImages"),
+            cache_dir=cache_dir,
+            **common,
+        )
+    elif fmt == "coco":
+        ds = COCOSegmentation(
+            root,
+            _required(spec, "images", where),
+            _required(spec, "annotations", where),
+            cache_dir=cache_dir,
+            **common,
+        )
+        num_classes = _get(data_cfg, "num_classes")
+        if num_classes is not None and int(num_classes) != ds.num_classes:
+            raise DatasetError(
+                f"data.num_classes={num_classes} but {ds.ann_path} defines {ds.num_classes - 1} "
+                f"categories (+ background = {ds.num_classes}). Fix: set data.num_classes="
+                f"{ds.num_classes}."
+            )
+    else:
+        raise DatasetError(f"data.format={fmt!r} is not one of {FORMATS}.")
+    return ds
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from torch's per-worker seed (the
+    transforms reseed themselves; this covers other code drawing from the global RNGs)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def collate_same_size(batch: Sequence[dict]) -> dict:
+    """default_collate, but a batch of images of different sizes fails with a clear fix."""
+    sizes = {tuple(s["image"].shape[-2:]) for s in batch}
+    if len(sizes) > 1:
+        ids = [s["id"] for s in batch]
+        raise DatasetError(
+            f"cannot batch full images of different sizes {sorted(sizes)} (ids {ids}). "
+            "Fix: set predict_batch_size=1 (full-image inference) or use a cropping transform."
+        )
+    return default_collate(list(batch))
+
+
+class WSSSDataModule(L.LightningDataModule):
+    """Train / val / predict loaders over the splits a stage asks for.
+
+    * train: random rescale + flip + crop (``train_transform``), shuffled, ``drop_last``;
+    * val: IRNet's top-left ``crop_size`` crop so batches collate (``val_transform``);
+    * predict: full images (``eval_transform``), ``predict_batch_size`` (1 for mixed sizes).
+    ``extra_train_targets`` / ``extra_eval_targets`` map a sample key to an ``ExtraTarget``
+    (e.g. ``{"context_map": ExtraTarget("float", load_m)}`` for CONTA).
+    """
+
+    def __init__(
+        self,
+        data_cfg: Any,
+        *,
+        train_split: str,
+        val_split: str | None = None,
+        predict_split: str | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        crop_size: int = 512,
+        scale_range: tuple[float, float] = (0.5, 1.5),
+        resize_long: tuple[int, int] | None = None,
+        predict_batch_size: int = 1,
+        extra_train_targets: Mapping[str, ExtraTarget] | None = None,
+        extra_eval_targets: Mapping[str, ExtraTarget] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.data_cfg = data_cfg
+        self.train_split = train_split
+        self.val_split = val_split
+        self.predict_split = predict_split
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.crop_size = int(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.resize_long = tuple(resize_long) if resize_long is not None else None
+        self.predict_batch_size = int(predict_batch_size)
+        self.extra_train_targets = dict(extra_train_targets or {})
+        self.extra_eval_targets = dict(extra_eval_targets or {})
+        self.pin_memory = pin_memory
+        self.mean = tuple(_get(data_cfg, "mean", IMAGENET_MEAN))
+        self.std = tuple(_get(data_cfg, "std", IMAGENET_STD))
+        self.train_set: SegmentationDataset | None = None
+        self.val_set: SegmentationDataset | None = None
+        self.predict_set: SegmentationDataset | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        for ds in (self.train_set, self.val_set, self.predict_set):
+            if ds is not None:
+                return list(ds.class_names)
+        names = _get(self.data_cfg, "class_names")
+        if names is None:  # COCO format: the names come from the annotation file
+            raise DatasetError("class names are read from the annotations: call setup() first")
+        return list(names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup(): generation happens once.
+        prepare_data(self.data_cfg)
+
+    def _build(
+        self, split: str, transform: Transform, extras: Mapping[str, ExtraTarget]
+    ) -> SegmentationDataset:
+        loaders = {name: e.load for name, e in extras.items()}
+        return build_dataset(self.data_cfg, split, transform, extras=loaders)
+
+    def _kinds(self, extras: Mapping[str, ExtraTarget]) -> dict[str, str]:
+        return {name: e.kind for name, e in extras.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            t = train_transform(
+                self.crop_size,
+                self.scale_range,
+                self.mean,
+                self.std,
+                resize_long=self.resize_long,
+                extra_targets=self._kinds(self.extra_train_targets),
+            )
+            self.train_set = self._build(self.train_split, t, self.extra_train_targets)
+            if len(self.train_set) < self.batch_size:
+                raise DatasetError(
+                    f"train split {self.train_split!r} has {len(self.train_set)} images, fewer "
+                    f"than batch_size={self.batch_size}, so drop_last leaves no batch. Fix: "
+                    "lower the batch size."
+                )
+        if self.val_split and self.val_set is None and stage in (None, "fit", "validate"):
+            t = val_transform(
+                self.crop_size, self.mean, self.std, self._kinds(self.extra_eval_targets)
+            )
+            self.val_set = self._build(self.val_split, t, self.extra_eval_targets)
+        if self.predict_split and self.predict_set is None and stage in (None, "predict"):
+            t = eval_transform(self.mean, self.std, self._kinds(self.extra_eval_targets))
+            self.predict_set = self._build(self.predict_split, t, self.extra_eval_targets)
+
+    def _loader(self, dataset: SegmentationDataset | None, what: str, **kwargs) -> DataLoader:
+        if dataset is None:
+            raise DatasetError(
+                f"no {what} data set: pass {what}_split=... to WSSSDataModule and call setup()"
+            )
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.train_set, "train", batch_size=self.batch_size, shuffle=True, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_split:
+            return []  # Lightning then skips validation (stages without a val split)
+        return self._loader(self.val_set, "val", batch_size=self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.predict_set,
+            "predict",
+            batch_size=self.predict_batch_size,
+            shuffle=False,
+            collate_fn=collate_same_size,
+        )
+
+
+__all__ = [
+    "ExtraTarget",
+    "WSSSDataModule",
+    "build_dataset",
+    "collate_same_size",
+    "configured_splits",
+    "prepare_data",
+    "seed_worker",
+]

@@ -1,0 +1,477 @@
+"""Embedded synthetic data set with a built-in context bias (the product's CPU demo).
+
+Six shape classes, each with its own fill pattern, sit on textured background regions. Every
+class has a "home" context (``HOME_CONTEXT``): in train its home region surrounds the object
+with probability ``p_home`` (0.9), in val with ``p_home_val`` (0.5). Otherwise the region is
+another class's context (half of the remaining cases) or absent (plain noisy background). So in
+train a context predicts its class almost perfectly, and a classifier's CAM can leak into it;
+``ContextRegions/{id}.png`` marks those regions (k = class k's home) so the leak is measurable.
+In addition the "triangle" (rider) stands on top of the "square" (horse) with probability
+``pair_prob``: the horse-and-rider co-occurrence of VOC.
+
+The files follow the VOC 2012 layout (JPEGImages, SegmentationClass palette PNGs with a 2 px 255
+band on object boundaries, ImageSets/Segmentation/{train,val}.txt) plus a COCO instances export
+(annotations/instances_{train,val}.json with non-contiguous category ids, RLE visible-region
+masks) and meta.json. Generation is deterministic: same arguments, same bytes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from src.datamodules.palette import IGNORE_INDEX, encode_label_png
+from src.datamodules.validation import DatasetError
+
+log = logging.getLogger(__name__)
+
+SYNTH_VERSION = 1
+SYNTH_CLASSES = ("background", "disc", "square", "triangle", "cross", "ring", "diamond")
+# SYNTH_CONTEXTS[k - 1] is the home context of class k; ContextRegions stores k for it.
+SYNTH_CONTEXTS = ("sky", "grass", "sand", "road", "water", "snow")
+HOME_CONTEXT = dict(zip(SYNTH_CLASSES[1:], SYNTH_CONTEXTS, strict=True))
+PAIR = {"mount": "square", "rider": "triangle"}  # rider stands on the mount, like horse & rider
+# Non-contiguous on purpose, like COCO's 1..90 for 80 classes: readers must map them to 1..K.
+COCO_CATEGORY_IDS = (2, 4, 7, 9, 13, 17)
+
+_K = len(SYNTH_CLASSES) - 1
+_MOUNT = SYNTH_CLASSES.index(PAIR["mount"])
+_RIDER = SYNTH_CLASSES.index(PAIR["rider"])
+# Shape area in units of r^2 (r = the shape's size parameter): lets us sample by area fraction.
+_AREA_COEF = {1: np.pi, 2: 3.24, 3: 1.8, 4: 2.31, 5: 0.75 * np.pi, 6: 2.0}
+_BASE_HUE = {1: 0.0, 2: 60.0, 3: 120.0, 4: 180.0, 5: 240.0, 6: 300.0}  # degrees
+_HUE_JITTER = 35.0  # > half the 60 degree spacing: colour helps but never decides alone
+_MIN_AREA = 0.10  # every object covers at least 10% of the image (full shape, before occlusion)
+_MAX_AREA = 0.15
+
+
+@dataclass(frozen=True)
+class SynthArgs:
+    num_train: int = 320
+    num_val: int = 96
+    image_size: int = 96
+    p_home: float = 0.9
+    p_home_val: float = 0.5
+    pair_prob: float = 0.7
+    seed: int = 0
+
+
+# -- colours and textures --------------------------------------------------------------------
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
+
+
+def _context_texture(k: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Full-size HxWx3 float texture of context k (1..6, see SYNTH_CONTEXTS)."""
+    yy, xx = _grid(size)
+    name = SYNTH_CONTEXTS[k - 1]
+    if name == "sky":  # pale blue, lighter downwards, thin horizontal bands
+        base = _hsv(0.58 + rng.uniform(-0.02, 0.02), rng.uniform(0.35, 0.55), rng.uniform(0.8, 0.9))
+        period, phase = rng.uniform(6, 9), rng.uniform(0, 2 * np.pi)
+        shade = 0.9 + 0.15 * yy / size + 0.06 * np.sign(np.sin(2 * np.pi * yy / period + phase))
+        tex = base * shade[..., None]
+    elif name == "grass":  # green, vertical blade streaks
+        base = _hsv(
+            0.30 + rng.uniform(-0.03, 0.03), rng.uniform(0.55, 0.75), rng.uniform(0.45, 0.6)
+        )
+        noise = cv2.blur(rng.normal(0, 1, (size, size)).astype(np.float32), (1, 5))
+        tex = base * (1 + 0.35 * noise)[..., None]
+    elif name == "sand":  # beige with dark grains
+        base = _hsv(0.11 + rng.uniform(-0.02, 0.02), rng.uniform(0.3, 0.45), rng.uniform(0.8, 0.9))
+        dots = (rng.random((size, size)) < 0.07).astype(np.float32)
+        tex = base * (1 - 0.45 * dots)[..., None]
+    elif name == "road":  # dark grey with a light grid
+        v = rng.uniform(0.35, 0.45)
+        period = int(rng.integers(8, 12))
+        oy, ox = rng.integers(0, period, size=2)
+        lines = ((yy + oy) % period < 1) | ((xx + ox) % period < 1)
+        tex = np.full((size, size, 3), v, np.float32) + 0.35 * lines[..., None]
+    elif name == "water":  # blue-green waves
+        base = _hsv(0.52 + rng.uniform(-0.02, 0.02), rng.uniform(0.6, 0.8), rng.uniform(0.5, 0.65))
+        period, phase = rng.uniform(7, 10), rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * (yy / period + 0.25 * np.sin(2 * np.pi * xx / (2.5 * period))))
+        tex = base * (1 + 0.3 * np.sin(wave * np.pi + phase))[..., None]
+    else:  # snow: near white with blue-grey speckle
+        base = _hsv(0.6, rng.uniform(0.02, 0.08), rng.uniform(0.9, 0.97))
+        speckle = (rng.random((size, size)) < 0.12).astype(np.float32)
+        tex = base * (1 - 0.3 * speckle)[..., None]
+    return tex.astype(np.float32)
+
+
+def _plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Low-saturation random colour with a soft gradient and pixel noise: no context cue."""
+    yy, xx = _grid(size)
+    base = _hsv(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.3, 0.8))
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / size
+    tex = base * (1 + 0.2 * (ramp - 0.5))[..., None]
+    return (tex + rng.normal(0, 0.04, tex.shape)).astype(np.float32)
+
+
+# -- objects ---------------------------------------------------------------------------------
+def _shape(cls: int, rng: np.random.Generator, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, rgb) crops of one object of class ``cls`` with size parameter ``r``."""
+    n = int(np.ceil(1.5 * r)) * 2 + 3
+    c = n // 2
+    yy, xx = _grid(n)
+    theta = 0.0 if cls in (1, 5) else np.deg2rad(rng.uniform(-15, 15))
+    # u, v: object-frame coordinates (rotated), so the pattern turns with the shape.
+    u = (xx - c) * np.cos(theta) + (yy - c) * np.sin(theta)
+    v = -(xx - c) * np.sin(theta) + (yy - c) * np.cos(theta)
+    dist = np.hypot(u, v)
+    if cls == 1:  # disc
+        mask = dist <= r
+    elif cls == 2:  # square
+        mask = (np.abs(u) <= 0.9 * r) & (np.abs(v) <= 0.9 * r)
+    elif cls == 3:  # triangle, apex up: base 2r, height 1.8r
+        top = -0.9 * r
+        mask = (v >= top) & (v <= 0.9 * r) & (np.abs(u) <= (v - top) / 1.8)
+    elif cls == 4:  # cross
+        arm = 0.35 * r
+        mask = ((np.abs(u) <= arm) & (np.abs(v) <= r)) | ((np.abs(v) <= arm) & (np.abs(u) <= r))
+    elif cls == 5:  # ring
+        mask = (dist <= r) & (dist >= 0.5 * r)
+    else:  # diamond
+        mask = np.abs(u) + np.abs(v) <= r
+
+    hue = (_BASE_HUE[cls] + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) / 360.0
+    c1 = _hsv(hue, rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0))
+    c2 = c1 * rng.uniform(0.3, 0.5)
+    period = rng.uniform(5, 8)
+    phase = rng.uniform(0, period)
+    if cls == 1:  # horizontal stripes
+        pattern = np.floor((v + phase) / (period / 2)) % 2 == 1
+    elif cls == 2:  # checkerboard
+        cell = period / 1.5
+        pattern = (np.floor((u + phase) / cell) + np.floor((v + phase) / cell)) % 2 == 1
+    elif cls == 3:  # vertical stripes
+        pattern = np.floor((u + phase) / (period / 2)) % 2 == 1
+    elif cls == 4:  # solid with a dark outline
+        eroded = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8))
+        pattern = mask & (eroded == 0)
+    elif cls == 5:  # dots
+        du, dv = (u + phase) % period - period / 2, (v + phase) % period - period / 2
+        pattern = np.hypot(du, dv) < 0.3 * period
+    else:  # diagonal stripes
+        pattern = np.floor((u + v + phase) / (period / 2)) % 2 == 1
+    rgb = np.where(pattern[..., None], c2, c1).astype(np.float32)
+    rgb += rng.normal(0, 0.03, rgb.shape).astype(np.float32)
+
+    ys, xs = np.nonzero(mask)
+    crop = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    return mask[crop], rgb[crop]
+
+
+def _group(classes: list[int], rng: np.random.Generator, size: int, area_scale: float):
+    """Shapes of one group (a primary object, plus its rider standing on it) in group-local
+    coordinates: list of (cls, mask, rgb, (oy, ox)) and the group's (height, width)."""
+    parts = []
+    for cls in classes:
+        area = (_MIN_AREA + rng.uniform(0, _MAX_AREA - _MIN_AREA) * area_scale) * size * size
+        parts.append((cls, *_shape(cls, rng, float(np.sqrt(area / _AREA_COEF[cls])))))
+    if len(parts) == 1:
+        cls, m, rgb = parts[0]
+        return [(cls, m, rgb, (0, 0))], m.shape
+    (mc, mm, mrgb), (rc, rm, rrgb) = parts
+    # The rider's lower quarter or so overlaps the mount's top edge (drawn after, so in front).
+    overlap = int(round(rng.uniform(0.2, 0.35) * rm.shape[0]))
+    shift = int(round(rng.uniform(-0.15, 0.15) * mm.shape[1]))
+    rider_x = (mm.shape[1] - rm.shape[1]) // 2 + shift
+    x0 = min(0, rider_x)
+    placed = [
+        (mc, mm, mrgb, (rm.shape[0] - overlap, -x0)),
+        (rc, rm, rrgb, (0, rider_x - x0)),
+    ]
+    height = rm.shape[0] - overlap + mm.shape[0]
+    width = max(mm.shape[1], rider_x + rm.shape[1]) - x0
+    return placed, (height, width)
+
+
+def _place(sizes: list[tuple[int, int]], rng: np.random.Generator, size: int, strict: bool):
+    """Top-left corners for group boxes inside the image, overlapping each other by at most 15%
+    of the smaller box (any overlap allowed when not strict); None if no layout was found."""
+    boxes: list[tuple[int, int, int, int]] = []
+    for h, w in sizes:
+        if h > size - 2 or w > size - 2:
+            return None
+        for _ in range(60):
+            y, x = int(rng.integers(1, size - h)), int(rng.integers(1, size - w))
+            ok = not strict or all(
+                max(0, min(y + h, by + bh) - max(y, by)) * max(0, min(x + w, bx + bw) - max(x, bx))
+                <= 0.15 * min(h * w, bh * bw)
+                for by, bx, bh, bw in boxes
+            )
+            if ok:
+                boxes.append((y, x, h, w))
+                break
+        else:
+            return None
+    return boxes
+
+
+def _context_region(box, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A wobbly ellipse around a group box, ~1.5-1.9x its extent: large and surrounding."""
+    y, x, h, w = box
+    cy, cx = y + h / 2, x + w / 2
+    f = rng.uniform(1.5, 1.9)
+    ay, ax = h / 2 * f + 3, w / 2 * f + 3
+    yy, xx = _grid(size)
+    angle = np.arctan2(yy - cy, xx - cx)
+    wobble = 1 + 0.12 * np.sin(rng.integers(2, 5) * angle + rng.uniform(0, 2 * np.pi))
+    return ((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2 <= wobble**2
+
+
+def _void_band(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood holds two labels: a 2 px band on every object boundary."""
+    kernel = np.ones((3, 3), np.uint8)
+    return cv2.dilate(labels, kernel) != cv2.erode(labels, kernel)
+
+
+def render_image(rng: np.random.Generator, size: int, p_home: float, pair_prob: float) -> dict:
+    """One sample: image (uint8 RGB), mask (with 255 band), context regions, instances."""
+    n_groups = 1 if rng.random() < 0.6 else 2
+    primaries = [int(c) + 1 for c in rng.choice(_K, size=n_groups, replace=False)]
+    group_classes = [
+        [c, _RIDER] if c == _MOUNT and rng.random() < pair_prob else [c] for c in primaries
+    ]
+    contexts = []
+    for c in primaries:
+        if rng.random() < p_home:
+            contexts.append(c)
+        elif rng.random() < 0.5:
+            contexts.append(int(rng.choice([k for k in range(1, _K + 1) if k != c])))
+        else:
+            contexts.append(0)  # plain background
+
+    # Shrink the objects (never below 10% each) until they fit without much overlap.
+    for attempt in range(12):
+        scale = max(0.0, 1.0 - attempt / 8)
+        groups = [_group(g, rng, size, scale) for g in group_classes]
+        boxes = _place([s for _, s in groups], rng, size, strict=attempt < 11)
+        if boxes is not None:
+            break
+    else:  # pragma: no cover - _place with strict=False only fails if a group exceeds the image
+        raise RuntimeError(f"cannot lay out {group_classes} in a {size}px image")
+
+    image = _plain_background(rng, size)
+    context = np.zeros((size, size), np.uint8)
+    for gi in rng.permutation(len(groups)):
+        if contexts[gi]:
+            region = _context_region(boxes[gi], rng, size)
+            image[region] = _context_texture(contexts[gi], rng, size)[region]
+            context[region] = contexts[gi]
+
+    labels = np.zeros((size, size), np.uint8)
+    instances = np.zeros((size, size), np.uint8)
+    inst_classes = []
+    for (parts, _), (by, bx, _, _) in zip(groups, boxes, strict=True):
+        for cls, m, rgb, (oy, ox) in parts:
+            sl = (slice(by + oy, by + oy + m.shape[0]), slice(bx + ox, bx + ox + m.shape[1]))
+            image[sl][m] = rgb[m]
+            labels[sl][m] = cls
+            inst_classes.append(cls)
+            instances[sl][m] = len(inst_classes)
+
+    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
+    image8 = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+    context[labels > 0] = 0  # context regions are background pixels only
+    mask = labels.copy()
+    mask[_void_band(labels)] = IGNORE_INDEX
+    return {
+        "image": image8,
+        "mask": mask,
+        "context": context,
+        "instances": instances,
+        "instance_classes": inst_classes,
+        "primaries": primaries,
+        "contexts": contexts,
+        "rider": any(len(g) == 2 for g in group_classes),
+    }
+
+
+# -- writing ---------------------------------------------------------------------------------
+def _coco_annotations(sample: dict, image_id: int, next_ann_id: int) -> list[dict]:
+    anns = []
+    for j, cls in enumerate(sample["instance_classes"]):
+        visible = np.asfortranarray((sample["instances"] == j + 1).astype(np.uint8))
+        rle = mask_utils.encode(visible)
+        anns.append(
+            {
+                "id": next_ann_id + j,
+                "image_id": image_id,
+                "category_id": COCO_CATEGORY_IDS[cls - 1],
+                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                "area": int(mask_utils.area(rle)),
+                "bbox": [float(b) for b in mask_utils.toBbox(rle)],
+                "iscrowd": 0,
+            }
+        )
+    return anns
+
+
+def _write_split(out: Path, split: str, n: int, args: SynthArgs, p_home: float) -> dict:
+    size = args.image_size
+    ids = [f"{split}_{i:05d}" for i in range(n)]
+    images, anns = [], []
+    groups = home = mount = pair = singles = singles_home = 0
+    for i, image_id in enumerate(ids):
+        # One stream per (seed, split, index): an image does not depend on the split sizes.
+        rng = np.random.default_rng([args.seed, 0 if split == "train" else 1, i])
+        s = render_image(rng, size, p_home, args.pair_prob)
+        Image.fromarray(s["image"]).save(out / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        (out / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label_png(s["mask"]))
+        (out / "ContextRegions" / f"{image_id}.png").write_bytes(encode_label_png(s["context"]))
+        images.append({"id": i + 1, "file_name": f"{image_id}.jpg", "height": size, "width": size})
+        anns += _coco_annotations(s, i + 1, len(anns) + 1)
+        groups += len(s["primaries"])
+        home += sum(c == p for c, p in zip(s["contexts"], s["primaries"], strict=True))
+        mount += _MOUNT in s["primaries"]
+        pair += s["rider"]
+        if len(set(s["instance_classes"])) == 1:
+            singles += 1
+            singles_home += s["contexts"][0] == s["primaries"][0]
+    (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    categories = [
+        {"id": cid, "name": name, "supercategory": "shape"}
+        for cid, name in zip(COCO_CATEGORY_IDS, SYNTH_CLASSES[1:], strict=True)
+    ]
+    coco = {
+        "info": {"description": f"synthetic context-bias set, {split}", "version": SYNTH_VERSION},
+        "images": images,
+        "annotations": anns,
+        "categories": categories,
+    }
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    # Realised bias, for the record: P(a primary object's own region is its home context).
+    return {
+        "images": n,
+        "home_context_rate": home / max(1, groups),
+        "pair_rate": pair / max(1, mount),  # P(rider | mount)
+        "single_class_images": singles,
+        "single_class_home_rate": singles_home / max(1, singles),
+    }
+
+
+def _expected_files(root: Path, args: SynthArgs) -> list[Path]:
+    files = [root / "annotations" / f"instances_{s}.json" for s in ("train", "val")]
+    for split, n in (("train", args.num_train), ("val", args.num_val)):
+        files.append(root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        for i in range(n):
+            files += [
+                root / "JPEGImages" / f"{split}_{i:05d}.jpg",
+                root / "SegmentationClass" / f"{split}_{i:05d}.png",
+                root / "ContextRegions" / f"{split}_{i:05d}.png",
+            ]
+    return files
+
+
+def _is_complete(root: Path, args: SynthArgs) -> bool:
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("version") != SYNTH_VERSION or meta.get("generator") != asdict(args):
+        return False
+    return all(p.is_file() for p in _expected_files(root, args))
+
+
+def _generate(out: Path, args: SynthArgs) -> None:
+    for sub in ("JPEGImages", "SegmentationClass", "ContextRegions", "annotations"):
+        (out / sub).mkdir(parents=True)
+    (out / "ImageSets" / "Segmentation").mkdir(parents=True)
+    stats = {
+        "train": _write_split(out, "train", args.num_train, args, args.p_home),
+        "val": _write_split(out, "val", args.num_val, args, args.p_home_val),
+    }
+    meta = {
+        "version": SYNTH_VERSION,
+        "generator": asdict(args),
+        "classes": list(SYNTH_CLASSES),
+        "contexts": list(SYNTH_CONTEXTS),
+        "home_context": HOME_CONTEXT,
+        "pair": PAIR,
+        "coco_category_ids": list(COCO_CATEGORY_IDS),
+        "stats": stats,
+    }
+    # meta.json last: its presence (with matching args) is what marks the folder complete.
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def ensure_synthetic_voc(
+    root: str | os.PathLike,
+    *,
+    num_train: int = 320,
+    num_val: int = 96,
+    image_size: int = 96,
+    p_home: float = 0.9,
+    p_home_val: float = 0.5,
+    pair_prob: float = 0.7,
+    seed: int = 0,
+) -> Path:
+    """Generate the synthetic set under ``root`` unless it is already there with these args.
+
+    Generation goes to a temp sibling folder that is renamed into place, so an interrupted run
+    never leaves a folder that looks complete. An existing non-synthetic folder is never replaced.
+    """
+    args = SynthArgs(num_train, num_val, image_size, p_home, p_home_val, pair_prob, seed)
+    if num_train < 1 or num_val < 1:
+        raise ValueError(
+            f"data.generator needs num_train, num_val >= 1, got {num_train}, {num_val}"
+        )
+    if image_size < 48:
+        raise ValueError(
+            f"data.generator.image_size={image_size} is too small for the shapes; use >= 48"
+        )
+    root = Path(root).expanduser().absolute()
+    if _is_complete(root, args):
+        return root
+    if root.exists() and any(root.iterdir()) and not (root / "meta.json").is_file():
+        raise DatasetError(
+            f"{root} exists and is not a synthetic data set folder (no meta.json), so it will not "
+            "be overwritten. Fix: point data.root at an empty or non-existent folder."
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _generate(tmp, args)
+        if _is_complete(root, args):
+            return root  # another process (e.g. a second DDP rank) finished it meanwhile
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, old / root.name)
+            shutil.rmtree(old)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # Another process finished first (e.g. two DDP ranks); use theirs if it is complete.
+            if not _is_complete(root, args):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "generated the synthetic data set (%d train + %d val, %dpx) in %s in %.1fs",
+        num_train,
+        num_val,
+        image_size,
+        root,
+        time.perf_counter() - start,
+    )
+    return root

@@ -1,0 +1,192 @@
+"""Figures: label/CAM overlays on images and metric curves (PNG).
+
+Uses matplotlib's object API (``Figure`` + Agg) rather than pyplot: no global backend switch,
+no window, nothing to close, safe in worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+VOID = 255
+_VOID_RGB = np.array([255, 255, 255], dtype=np.float32)  # ignore/void drawn white in overlays
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map, (n, 3) uint8: bits of the id spread over R, G, B (MSB first)."""
+    ids = np.arange(n)
+    palette = np.zeros((n, 3), dtype=np.int64)
+    for shift in range(8):  # 3 bits per round: bit 0 -> R, bit 1 -> G, bit 2 -> B
+        bits = ids >> (3 * shift)
+        for ch in range(3):
+            palette[:, ch] |= ((bits >> ch) & 1) << (7 - shift)
+    return palette.astype(np.uint8)
+
+
+_PALETTE = voc_palette()
+
+
+def colorize(label_map: np.ndarray) -> np.ndarray:
+    """(H, W) label ids (VOC palette, 255 = void in VOC's cream colour) -> (H, W, 3) uint8."""
+    label_map = np.asarray(label_map)
+    if label_map.dtype.kind not in "biu":
+        raise TypeError(f"label_map must be integer ids, got {label_map.dtype}")
+    if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
+        raise ValueError(
+            f"label ids must be in [0, 255], got [{label_map.min()}, {label_map.max()}]"
+        )
+    return _PALETTE[label_map.astype(np.intp)]
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+    if image.dtype.kind == "f":  # tolerate [0, 1] float images
+        image = np.clip(image * 255.0, 0, 255)
+    return image.astype(np.uint8)
+
+
+def _blend_labels(image: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
+    """Object ids blended over the image, background left as is, void painted white."""
+    out = image.astype(np.float32)
+    colour = colorize(labels).astype(np.float32)
+    obj = (labels > 0) & (labels != VOID)
+    out[obj] = (1 - alpha) * out[obj] + alpha * colour[obj]
+    out[labels == VOID] = _VOID_RGB
+    return out.astype(np.uint8)
+
+
+def _blend_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    heat = np.nan_to_num(np.clip(heat.astype(np.float32), 0.0, 1.0))
+    colour = matplotlib.colormaps["jet"](heat)[..., :3] * 255.0
+    return ((1 - alpha) * image.astype(np.float32) + alpha * colour).astype(np.uint8)
+
+
+def _render_panel(image: np.ndarray, panel: Any, where: str, alpha: float) -> np.ndarray:
+    panel = np.asarray(panel)
+    if panel.shape[:2] != image.shape[:2]:
+        raise ValueError(
+            f"{where} has shape {panel.shape}, image is {image.shape[:2]}; resize it to the image"
+        )
+    if panel.ndim == 3:  # already an RGB picture
+        return _as_rgb(panel)
+    if panel.dtype.kind == "f":
+        return _blend_heatmap(image, panel)
+    return _blend_labels(image, panel, alpha)
+
+
+def _save_atomic(fig: Figure, out_path: str | os.PathLike, dpi: int) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def overlay_grid(
+    rows: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    out_path: str | os.PathLike,
+    title: str | None = None,
+    alpha: float = 0.6,
+    cell_inches: float = 2.5,
+    dpi: int = 100,
+) -> Path:
+    """One row per image: the image, then each named panel in columns (titled).
+
+    Panels: float (H, W) in [0, 1] -> jet heatmap over the image (a CAM); integer (H, W) -> label
+    map in VOC colours over the image (255 white); (H, W, 3) -> shown as is. Columns are the union
+    of panel names in first-seen order; a row lacking a panel leaves that cell empty. A legend
+    lists the classes that appear in any label map. Size: about ``cell_inches * dpi`` pixels per
+    column, rows scaled by the first image's aspect ratio.
+    """
+    if not rows:
+        raise ValueError("overlay_grid needs at least one row")
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k != "image" and k not in columns]
+    columns = ["Image", *columns]
+    h, w = np.asarray(rows[0]["image"]).shape[:2]
+    cell_h = cell_inches * h / w
+    fig = Figure(
+        figsize=(cell_inches * len(columns), cell_h * len(rows) + 0.6), layout="constrained"
+    )
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    seen: set[int] = set()
+    for i, row in enumerate(rows):
+        image = _as_rgb(row["image"])
+        for j, name in enumerate(columns):
+            ax = axes[i, j]
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+            panel = image if name == "Image" else row.get(name)
+            if panel is None:
+                continue
+            panel = np.asarray(panel)
+            rendered = _render_panel(image, panel, f"row {i} panel {name!r}", alpha)
+            ax.imshow(rendered, interpolation="nearest")
+            if name != "Image" and panel.ndim == 2 and panel.dtype.kind in "biu":
+                seen.update(int(v) for v in np.unique(panel))
+    handles = [
+        Patch(color=_PALETTE[c] / 255.0, label=class_names[c] if c < len(class_names) else str(c))
+        for c in sorted(seen - {0, VOID})
+    ]
+    if VOID in seen:
+        handles.append(Patch(facecolor="white", edgecolor="black", label="void"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8))
+    if title:
+        fig.suptitle(title)
+    return _save_atomic(fig, out_path, dpi)
+
+
+def curve_plot(
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[float | None]],
+    out_path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    marks: Mapping[str, float] | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Line plot of several series over ``xs`` (threshold sweeps, per-round curves).
+
+    ``None`` values are gaps. ``marks`` draws labelled vertical lines, e.g. the configured and the
+    best threshold.
+    """
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    xs = np.asarray(xs, dtype=np.float64)
+    for name, ys in series.items():
+        ys = np.array([np.nan if y is None else y for y in ys], dtype=np.float64)
+        if ys.shape != xs.shape:
+            raise ValueError(f"series {name!r} has {ys.size} values for {xs.size} xs")
+        ax.plot(xs, ys, marker="o" if xs.size <= 20 else None, markersize=3, label=name)
+    for k, (name, x) in enumerate((marks or {}).items()):
+        ax.axvline(x, linestyle="--", color=f"C{k + len(series)}", label=f"{name} = {x:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_atomic(fig, out_path, dpi)

@@ -1,0 +1,295 @@
+"""Run results: ``results.json`` (merged per round and stage), ``results.md`` and a printed table.
+
+Row keys are ``{stage}_{metric}``: for stage "cam" a SegmentationMetric dict gives ``cam_miou``,
+``cam_per_class_iou``, ``cam_errors`` (the three error rates), ``cam_error_shares``,
+``cam_context_leakage`` ... (None values are left out); a ThresholdSweep dict adds ``cam_threshold``, ``cam_best_miou``,
+``cam_best_threshold`` and ``cam_sweep``. Seconds go to ``row["seconds"][stage]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from src.evaluation.metrics import ERROR_KEYS
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+# Most downstream first: the stage whose errors a summary row shows.
+MAIN_STAGE_ORDER = ("seg_crf", "seg", "pseudo", "cam")
+STAGE_ORDER = ("cam", "ir_label", "pseudo", "seg", "seg_crf")
+_ERROR_ABBREV = {
+    "incomplete_foreground": "IF",
+    "object_ambiguity": "OA",
+    "incomplete_background": "IB",
+}
+_MISSING = "–"
+
+
+def _jsonable(x: Any) -> Any:
+    """numpy/torch scalars and arrays -> plain JSON; NaN -> None (JSON has no NaN)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # np.ndarray, np.generic, Tensor
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def stage_row(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten one stage's metric dict into ``{prefix}_*`` row keys (None values are dropped)."""
+    if "at_configured" in metrics:  # a ThresholdSweep result: main numbers at the configured thr
+        row = stage_row(prefix, metrics["at_configured"])
+        row[f"{prefix}_threshold"] = metrics["configured_threshold"]
+        row[f"{prefix}_best_miou"] = metrics["best_miou"]
+        row[f"{prefix}_best_threshold"] = metrics["best_threshold"]
+        row[f"{prefix}_sweep"] = {
+            "thresholds": metrics["thresholds"],
+            "miou": metrics["miou_per_threshold"],
+        }
+        return row
+    row: dict[str, Any] = {}
+    errors = dict(metrics.get("errors") or {})
+    errors.update({k: metrics[k] for k in ERROR_KEYS if metrics.get(k) is not None})
+    if errors:
+        row[f"{prefix}_errors"] = errors
+    for key, value in metrics.items():
+        if key not in (*ERROR_KEYS, "errors") and value is not None:
+            row[f"{prefix}_{key}"] = value
+    return row
+
+
+def _empty_results() -> dict[str, Any]:
+    return {"experiment": None, "seed": None, "rounds": {}}
+
+
+def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RESULTS_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the pipeline (train.py) for this run first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run eval.py") from err
+    if not isinstance(results, dict) or not isinstance(results.get("rounds"), dict):
+        raise ValueError(f"{path} has no 'rounds' mapping; delete it and re-run eval.py")
+    return results
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Temp file in the same folder + os.replace: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_results(
+    run_dir: str | os.PathLike,
+    round_idx: int,
+    stage_prefix: str,
+    metrics: Mapping[str, Any],
+    seconds: float | Mapping[str, float] | None = None,
+    experiment: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Merge one stage's metrics into ``results.json`` (and refresh ``results.md``); returns all.
+
+    ``seconds``: a float is this stage's time; a mapping merges several {stage: s}. Call from one
+    process only (rank 0): the write is atomic, but two concurrent writers would lose an update.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESULTS_JSON
+    results = load_results(run_dir) if path.exists() else _empty_results()
+    if experiment is not None:
+        results["experiment"] = experiment
+    if seed is not None:
+        results["seed"] = int(seed)
+    row = results["rounds"].setdefault(str(int(round_idx)), {})
+    row.update(_jsonable(stage_row(stage_prefix, metrics)))
+    if seconds is not None:
+        times = seconds if isinstance(seconds, Mapping) else {stage_prefix: seconds}
+        row.setdefault("seconds", {}).update(_jsonable(dict(times)))
+    # Rounds in numeric order, whatever order stages finished in.
+    results["rounds"] = dict(sorted(results["rounds"].items(), key=lambda kv: int(kv[0])))
+    _atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    _atomic_write_text(run_dir / RESULTS_MD, render_markdown(results))
+    return results
+
+
+# ----------------------------------------------------------------------------- table model
+
+
+def _pct(x: Any) -> str:
+    return _MISSING if x is None else f"{100 * x:.1f}"
+
+
+def _delta(a: Any, b: Any) -> str:
+    return _MISSING if a is None or b is None else f"{100 * (b - a):+.1f}"
+
+
+def _main_stage(row: Mapping[str, Any]) -> str | None:
+    return next((s for s in MAIN_STAGE_ORDER if f"{s}_errors" in row), None)
+
+
+def _stage_seconds(results: Mapping[str, Any]) -> list[str]:
+    stages: list[str] = []
+    for row in results["rounds"].values():
+        stages += [s for s in row.get("seconds", {}) if s not in stages]
+    return stages
+
+
+def _summary_values(row: Mapping[str, Any], timed: list[str]) -> dict[str, Any]:
+    """Numeric cells of one round (fractions, seconds); formatting happens later."""
+    main = _main_stage(row)
+    errors = row.get(f"{main}_errors", {}) if main else {}
+    secs = row.get("seconds", {})
+    values: dict[str, Any] = {
+        "CAM mIoU": row.get("cam_miou"),
+        "CAM best": row.get("cam_best_miou"),
+        "Pseudo mIoU": row.get("pseudo_miou"),
+        "Seg mIoU": row.get("seg_miou"),
+        "Seg+CRF mIoU": row.get("seg_crf_miou"),
+        "Errors of": main,
+    }
+    for key, abbrev in _ERROR_ABBREV.items():
+        values[f"{abbrev} %"] = errors.get(key)
+    values["Leak %"] = row.get(f"{main}_context_leakage") if main else None
+    for stage in timed:
+        values[f"{stage} s"] = secs.get(stage)
+    values["Total s"] = sum(secs.values()) if secs else None
+    return values
+
+
+def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows of strings): one row per round, plus a change row vs round 0."""
+    rounds = results["rounds"]
+    timed = _stage_seconds(results)
+    values = {r: _summary_values(row, timed) for r, row in rounds.items()}
+    headers = ["Round"] + (list(next(iter(values.values()))) if values else [])
+    rows = []
+    for r, vals in values.items():
+        cells = [r]
+        for name, v in vals.items():
+            if name == "Errors of":
+                cells.append(v or _MISSING)
+            elif name.endswith(" s"):
+                cells.append(_MISSING if v is None else f"{v:.1f}")
+            elif name == "CAM best":
+                thr = rounds[r].get("cam_best_threshold")
+                cells.append(_pct(v) if v is None or thr is None else f"{_pct(v)} @{thr:.2f}")
+            else:
+                cells.append(_pct(v))
+        rows.append(cells)
+    if len(values) > 1 and "0" in values:
+        last = list(values)[-1]
+        same_stage = values["0"]["Errors of"] == values[last]["Errors of"]
+        cells = [f"Δ r{last}−r0"]
+        for name, v in values[last].items():
+            if name == "Errors of" or name.endswith(" s"):
+                cells.append("")
+            elif name in {"IF %", "OA %", "IB %", "Leak %"} and not same_stage:
+                cells.append(_MISSING)  # different stages: a difference would mean nothing
+            else:
+                cells.append(_delta(values["0"][name], v))
+        rows.append(cells)
+    return headers, rows
+
+
+def per_class_table(results: Mapping[str, Any]) -> tuple[str | None, list[str], list[list[str]]]:
+    """(round, headers, rows): per-class IoU % of the latest round, one column per stage."""
+    if not results["rounds"]:
+        return None, [], []
+    r, row = list(results["rounds"].items())[-1]
+    found = [k[: -len("_per_class_iou")] for k in row if k.endswith("_per_class_iou")]
+    stages = [s for s in STAGE_ORDER if s in found] + sorted(
+        s for s in found if s not in STAGE_ORDER
+    )
+    classes: list[str] = []
+    for s in stages:
+        classes += [c for c in row[f"{s}_per_class_iou"] if c not in classes]
+    rows = [[c] + [_pct(row[f"{s}_per_class_iou"].get(c)) for s in stages] for c in classes]
+    return r, ["Class"] + stages, rows
+
+
+# ----------------------------------------------------------------------------- renderers
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+_LEGEND = (
+    "mIoU in %, VOC protocol. IF/OA/IB: incomplete foreground (object pixels predicted as "
+    "background), object ambiguity (object pixels predicted as another object), incomplete "
+    "background (background pixels predicted as an object), as % of their ground-truth "
+    "pixels, for the stage in 'Errors of'. Leak: % of predicted-object pixels on a context region."
+)
+
+
+def _title(results: Mapping[str, Any]) -> str:
+    seed = results.get("seed")
+    return f"Results: {results.get('experiment') or 'run'}" + (
+        f" (seed {seed})" if seed is not None else ""
+    )
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    headers, rows = summary_table(results)
+    parts = [f"# {_title(results)}", "", _markdown_table(headers, rows), "", _LEGEND]
+    r, pc_headers, pc_rows = per_class_table(results)
+    if pc_rows:
+        parts += ["", f"## Per-class IoU (%), round {r}", "", _markdown_table(pc_headers, pc_rows)]
+    return "\n".join(parts) + "\n"
+
+
+def write_markdown(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir) / RESULTS_MD
+    _atomic_write_text(path, render_markdown(load_results(run_dir)))
+    return path
+
+
+def _rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def print_results(results: Mapping[str, Any], console: Console | None = None) -> None:
+    """Print the summary (and per-class) table with rich; plain text when stdout is no TTY."""
+    tables = [_rich_table(_title(results), *summary_table(results))]
+    r, pc_headers, pc_rows = per_class_table(results)
+    if pc_rows:
+        tables.append(_rich_table(f"Per-class IoU (%), round {r}", pc_headers, pc_rows))
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # A pipe or log file gets rich's 80-column default, which would squash the table.
+            wide = console.options.update(max_width=10_000)
+            width = max(console.measure(t, options=wide).maximum for t in tables)
+            console = Console(file=sys.stdout, width=max(width, 80), color_system=None)
+    for table in tables:
+        console.print(table)
+    console.print(_LEGEND, style="dim")

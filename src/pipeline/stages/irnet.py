@@ -1,0 +1,248 @@
+"""IRNet expansion stages: make_ir_labels -> train_affinity -> make_pseudo_masks -> eval_pseudo."""
+
+from __future__ import annotations
+
+import io
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from src.callbacks.prediction_writer import PngPredictionWriter
+from src.datamodules import build_dataset, eval_transform, train_transform
+from src.datamodules.palette import read_label_png, save_label_png
+from src.evaluation.figures import overlay_grid
+from src.evaluation.metrics import SegmentationMetric
+from src.models.affinity import AffinityModule, AffinityNet
+from src.pipeline.artifacts import atomic_write_bytes
+from src.pipeline.runtime import build_trainer, log_figure
+from src.pipeline.stage import StageContext, StageResult
+from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE, MissingArtifactError, load_cam
+from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
+
+log = logging.getLogger(__name__)
+IR_LABEL_DIR = "ir_labels"
+MASK_DIR = "masks"
+AFFINITY_WEIGHTS = "affinity_net.pt"
+
+
+def _missing(out_dir: Path, ids: list[str], suffix: str) -> list[int]:
+    return [i for i, image_id in enumerate(ids) if not (out_dir / f"{image_id}{suffix}").is_file()]
+
+
+# -- IR labels ----------------------------------------------------------------------------------
+def _ir_label_job(job: tuple, *, fg: float, bg: float, crf: CRFParams, out_dir: Path) -> None:
+    image_id, image_path, cam_dir = job
+    image = np.array(Image.open(image_path).convert("RGB"))  # writable: pydensecrf needs it
+    cam = load_cam(cam_dir, image_id)
+    high_res = cam["high_res"].astype(np.float32)
+    if not np.isfinite(high_res).all():
+        raise ValueError(f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams")
+    if high_res.shape[1:] != image.shape[:2]:
+        raise MissingArtifactError(
+            f"CAM of image {image_id!r} is {high_res.shape[1:]} but the image is {image.shape[:2]}"
+        )
+    label = make_ir_label(image, high_res, cam["keys"], fg_threshold=fg, bg_threshold=bg, params=crf)
+    save_label_png(out_dir / f"{image_id}.png", label)
+
+
+def make_ir_labels(ctx: StageContext) -> StageResult:
+    """Confident foreground/background from the CAMs, each refined by a dense CRF (process pool)."""
+    cfg = ctx.cfg
+    dataset = build_dataset(cfg.data, cfg.data.train_split)
+    cam_dir = ctx.inputs["make_cams"] / CAM_DIR
+    out_dir = ctx.dir / IR_LABEL_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = _missing(out_dir, dataset.ids, ".png")
+    jobs = [(dataset.ids[i], dataset.image_paths[i], cam_dir) for i in todo]
+    job = partial(
+        _ir_label_job,
+        fg=cfg.affinity.ir_label.fg_threshold,
+        bg=cfg.affinity.ir_label.bg_threshold,
+        crf=CRFParams(**cfg.affinity.ir_label.crf),
+        out_dir=out_dir,
+    )
+    log.info("make_ir_labels: %d of %d images, %d workers", len(jobs), len(dataset),
+             cfg.affinity.ir_label.workers)
+    run_parallel(job, jobs, workers=cfg.affinity.ir_label.workers)
+    stats = _label_stats(out_dir, dataset.ids)
+    return StageResult(metrics=stats, artifacts=[IR_LABEL_DIR])
+
+
+def _label_stats(out_dir: Path, ids: list[str]) -> dict:
+    """Share of confident foreground, background and unsure pixels over the IR labels."""
+    counts = np.zeros(3, dtype=np.int64)
+    for image_id in ids:
+        label = read_label_png(out_dir / f"{image_id}.png")
+        counts += [(label == 0).sum(), ((label > 0) & (label < 255)).sum(), (label == 255).sum()]
+    share = counts / max(1, counts.sum())
+    return {"background": share[0], "foreground": share[1], "unsure": share[2]}
+
+
+# -- affinity network -----------------------------------------------------------------------
+def build_affinity_module(cfg: DictConfig, cam_train_dir: Path | None) -> AffinityModule:
+    backbone = instantiate(cfg.backbone)
+    if cfg.affinity.backbone_init == "cam":
+        # Trained CAM backbone (the synthetic set has no ImageNet weights to start from).
+        if cam_train_dir is None or not (cam_train_dir / WEIGHTS_FILE).is_file():
+            raise MissingArtifactError(
+                f"affinity.backbone_init=cam needs {cam_train_dir}/{WEIGHTS_FILE}: run train_cam"
+            )
+        state = torch.load(cam_train_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+    elif cfg.affinity.backbone_init != "pretrained":
+        raise ValueError(f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam")
+    net = AffinityNet(backbone, edge_width=cfg.affinity.edge_width, dp_width=cfg.affinity.dp_width)
+    return AffinityModule(net, num_classes=cfg.data.num_classes, **cfg.affinity.module)
+
+
+def _ir_label_loader(ir_dir: Path):
+    def load(image_id: str, size: tuple[int, int]) -> np.ndarray:
+        path = ir_dir / f"{image_id}.png"
+        if not path.is_file():
+            raise MissingArtifactError(f"IR label {path} missing: re-run make_ir_labels")
+        return read_label_png(path)
+
+    return load
+
+
+def train_affinity(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    aff = cfg.affinity
+    transform = train_transform(
+        aff.crop_size, scale_range=tuple(aff.scale_range), mean=cfg.data.mean, std=cfg.data.std,
+        extra_targets={"ir_label": "label"},
+    )
+    extras = {"ir_label": _ir_label_loader(ctx.inputs["make_ir_labels"] / IR_LABEL_DIR)}
+    dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
+    loader = DataLoader(dataset, batch_size=aff.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    module = build_affinity_module(cfg, ctx.inputs.get("train_cam"))
+    trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs,
+                            limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume())
+    if trainer.is_global_zero:
+        buf = io.BytesIO()
+        torch.save(module.net.state_dict(), buf)
+        atomic_write_bytes(ctx.dir / AFFINITY_WEIGHTS, buf.getvalue())
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return StageResult(metrics=metrics, artifacts=[AFFINITY_WEIGHTS])
+
+
+# -- random walk -> pseudo-masks ------------------------------------------------------------
+class WithCams(Dataset):
+    """Adds each image's stride-4 CAMs and class keys (from make_cams) to the sample."""
+
+    def __init__(self, dataset, cam_dir: Path):
+        self.dataset, self.cam_dir = dataset, cam_dir
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset[i]
+        cam = load_cam(self.cam_dir, sample["id"])
+        cams = torch.from_numpy(cam["cam"].astype(np.float32))
+        if not torch.isfinite(cams).all():
+            raise ValueError(f"CAM of image {sample['id']!r} contains NaN/inf: re-run make_cams")
+        sample["cam"], sample["keys"] = cams, cam["keys"].astype(np.int64)
+        return sample
+
+
+def collate_with_cams(samples: list[dict]) -> dict:
+    """Stack images (same size required); keep the per-image CAMs and keys as lists."""
+    ragged = {k: [s.pop(k) for s in samples] for k in ("cam", "keys")}
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) > 1:
+        raise ValueError(f"images of different sizes {sizes} in one batch: use batch_size 1")
+    return {**default_collate(samples), **ragged}
+
+
+def make_pseudo_masks(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    module = build_affinity_module(cfg, ctx.inputs.get("train_cam"))
+    weights = ctx.inputs["train_affinity"] / AFFINITY_WEIGHTS
+    if not weights.is_file():
+        raise MissingArtifactError(f"{weights} missing: re-run train_affinity")
+    module.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    dataset = build_dataset(cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std))
+    out_dir = ctx.dir / MASK_DIR
+    todo = _missing(out_dir, dataset.ids, ".png")
+    log.info("make_pseudo_masks: %d of %d images", len(todo), len(dataset))
+    if todo:
+        loader = DataLoader(
+            Subset(WithCams(dataset, ctx.inputs["make_cams"] / CAM_DIR), todo),
+            batch_size=cfg.affinity.inference_batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_with_cams,
+        )
+        writer = PngPredictionWriter(out_dir, key="mask")
+        trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    return StageResult(metrics={"images": len(dataset)}, artifacts=[MASK_DIR])
+
+
+# -- evaluation -----------------------------------------------------------------------------
+def evaluate_label_dirs(
+    cfg: DictConfig, split: str, label_dirs: dict[str, Path], figure_path: Path, title: str
+) -> tuple[dict[str, dict], Path]:
+    """mIoU + error decomposition (+ context leakage) of each folder of label PNGs vs ground truth.
+
+    All folders are scored in one pass; the figure shows them side by side for the same images.
+    """
+    dataset = build_dataset(cfg.data, split)
+    context_names = list(getattr(dataset, "context_names", None) or []) or None
+    metrics = {
+        # Scored on rank 0 alone: no cross-rank sync (it would wait for ranks that are idle).
+        name: SegmentationMetric(cfg.data.num_classes, list(dataset.class_names),
+                                 context_names=context_names, sync_on_compute=False)
+        for name in label_dirs
+    }
+    rows = []
+    for i, image_id in enumerate(dataset.ids):
+        mask, context = dataset.load_mask(i), dataset.load_context(i)
+        row = {"image": dataset.load_image(i)} if len(rows) < cfg.figure_images else None
+        for name, folder in label_dirs.items():
+            path = folder / f"{image_id}.png"
+            if not path.is_file():
+                raise MissingArtifactError(f"{path} missing for image {image_id!r}")
+            pred = read_label_png(path)
+            if pred.shape != mask.shape:
+                raise MissingArtifactError(f"{path} is {pred.shape}, ground truth {mask.shape}")
+            metrics[name].update(np.where(pred == 255, 0, pred), mask, context)
+            if row is not None:
+                row[name] = pred
+        if row is not None:
+            row["GT"] = mask
+            rows.append(row)
+    figure = overlay_grid(rows, list(dataset.class_names), figure_path, title=title)
+    return {name: m.compute() for name, m in metrics.items()}, figure
+
+
+def eval_pseudo(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    dirs = {
+        "IR label": ctx.inputs["make_ir_labels"] / IR_LABEL_DIR,
+        "pseudo-mask": ctx.inputs["make_pseudo_masks"] / MASK_DIR,
+    }
+    scores, figure = evaluate_label_dirs(
+        cfg, cfg.data.eval_split, dirs, ctx.dir / "pseudo_masks.png",
+        title=f"round {ctx.round}: IR labels and pseudo-masks",
+    )
+    log_figure(ctx.loggers, "pseudo/overlays", figure)
+    pseudo = scores["pseudo-mask"]
+    results = {
+        "miou": pseudo["miou"],
+        "errors": pseudo["errors"],
+        "per_class_iou": pseudo["per_class_iou"],
+        **({"context_leakage": pseudo["context_leakage"]} if "context_leakage" in pseudo else {}),
+        "ir_label_miou": scores["IR label"]["miou"],
+    }
+    return StageResult(metrics=results, artifacts=["pseudo_masks.png"], results=results,
+                       prefix="pseudo")
