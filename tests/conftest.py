@@ -28,6 +28,14 @@ FAST_CAM = [
     "callbacks.rich_progress_bar=null",
     "figure_images=2",
 ]
+FAST_AFFINITY = [
+    "affinity.max_epochs=1",
+    "affinity.crop_size=96",  # the stride-4 grid must exceed twice the pair radius (10)
+    "affinity.batch_size=8",
+    "affinity.inference_batch_size=8",
+    "affinity.ir_label.workers=1",
+    "affinity.module.exp_times=4",
+]
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
@@ -51,7 +59,7 @@ def shared_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, shared_data_dir) -> DictConfig:
-    cfg = compose_cfg(["experiment=synth_cam", *TINY_SYNTH, *FAST_CAM], tmp_path)
+    cfg = compose_cfg(["experiment=synth_irnet", *TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY], tmp_path)
     with open_dict(cfg):
         cfg.paths.data_dir = str(shared_data_dir)
     return cfg

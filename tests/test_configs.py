@@ -22,7 +22,9 @@ def test_default_experiment_is_synthetic():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
     # Paper experiments use ImageNet weights; instantiate the same architecture without them.
-    cfg = compose_cfg([f"experiment={experiment}", "backbone.weights=null", "trainer=cpu"], tmp_path)
+    cfg = compose_cfg(
+        [f"experiment={experiment}", "backbone.weights=null", "trainer=cpu"], tmp_path
+    )
     OmegaConf.resolve(cfg)
     assert cfg.experiment_name == experiment
     assert str(tmp_path) in cfg.paths.run_dir and cfg.paths.run_dir.endswith(f"{experiment}/seed_0")
@@ -40,7 +42,11 @@ def test_paper_settings(experiment):
     assert cfg.backbone.weights == "IMAGENET1K_V1"
     cam = cfg.cam
     assert (cam.crop_size, cam.batch_size, cam.max_epochs) == (512, 16, 5)
-    assert (cam.optimizer.lr, cam.optimizer.head_lr_mult, cam.optimizer.weight_decay) == (0.1, 10, 1e-4)
+    assert (cam.optimizer.lr, cam.optimizer.head_lr_mult, cam.optimizer.weight_decay) == (
+        0.1,
+        10,
+        1e-4,
+    )
     assert cam.optimizer.poly_power == 0.9 and cam.optimizer.irnet_momentum_quirk is True
     assert list(cam.inference.scales) == [1.0, 0.5, 1.5, 2.0]
 
@@ -50,7 +56,11 @@ def test_trainer_groups_compose(trainer):
     cfg = compose_cfg([f"trainer={trainer}"])
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     if trainer == "ddp_cpu":
-        assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy) == ("cpu", 2, "ddp")
+        assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy) == (
+            "cpu",
+            2,
+            "ddp",
+        )
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "none"])

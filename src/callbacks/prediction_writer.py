@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from src.datamodules.palette import save_label_png
-from src.pipeline.artifacts import atomic_save_npz
+from src.utils.io import atomic_save_npz
 
 
 class NpzPredictionWriter(BasePredictionWriter):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from src.utils.io import atomic_write_bytes
 
 IGNORE_INDEX = 255
 
@@ -34,20 +34,6 @@ VOC_PALETTE = voc_palette()
 def colorize(mask: np.ndarray) -> np.ndarray:
     """HxW label map -> HxWx3 uint8 RGB with the VOC colours."""
     return VOC_PALETTE[np.asarray(mask, dtype=np.uint8)]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def encode_label_png(mask: np.ndarray) -> bytes:

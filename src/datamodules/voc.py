@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from src.datamodules import validation as V
-from src.datamodules.palette import atomic_write_bytes
+from src.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

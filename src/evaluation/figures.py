@@ -17,34 +17,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from src.datamodules.palette import VOC_PALETTE, colorize, voc_palette  # noqa: F401 (re-exported)
+
 VOID = 255
 _VOID_RGB = np.array([255, 255, 255], dtype=np.float32)  # ignore/void drawn white in overlays
-
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map, (n, 3) uint8: bits of the id spread over R, G, B (MSB first)."""
-    ids = np.arange(n)
-    palette = np.zeros((n, 3), dtype=np.int64)
-    for shift in range(8):  # 3 bits per round: bit 0 -> R, bit 1 -> G, bit 2 -> B
-        bits = ids >> (3 * shift)
-        for ch in range(3):
-            palette[:, ch] |= ((bits >> ch) & 1) << (7 - shift)
-    return palette.astype(np.uint8)
-
-
-_PALETTE = voc_palette()
-
-
-def colorize(label_map: np.ndarray) -> np.ndarray:
-    """(H, W) label ids (VOC palette, 255 = void in VOC's cream colour) -> (H, W, 3) uint8."""
-    label_map = np.asarray(label_map)
-    if label_map.dtype.kind not in "biu":
-        raise TypeError(f"label_map must be integer ids, got {label_map.dtype}")
-    if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
-        raise ValueError(
-            f"label ids must be in [0, 255], got [{label_map.min()}, {label_map.max()}]"
-        )
-    return _PALETTE[label_map.astype(np.intp)]
 
 
 def _as_rgb(image: Any) -> np.ndarray:
@@ -147,7 +123,9 @@ def overlay_grid(
             if name != "Image" and panel.ndim == 2 and panel.dtype.kind in "biu":
                 seen.update(int(v) for v in np.unique(panel))
     handles = [
-        Patch(color=_PALETTE[c] / 255.0, label=class_names[c] if c < len(class_names) else str(c))
+        Patch(
+            color=VOC_PALETTE[c] / 255.0, label=class_names[c] if c < len(class_names) else str(c)
+        )
         for c in sorted(seen - {0, VOID})
     ]
     if VOID in seen:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from src.evaluation.metrics import ERROR_KEYS
+from src.utils.io import atomic_write_text
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -88,18 +88,6 @@ def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
     return results
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder + os.replace: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def update_results(
     run_dir: str | os.PathLike,
     round_idx: int,
@@ -129,8 +117,8 @@ def update_results(
         row.setdefault("seconds", {}).update(_jsonable(dict(times)))
     # Rounds in numeric order, whatever order stages finished in.
     results["rounds"] = dict(sorted(results["rounds"].items(), key=lambda kv: int(kv[0])))
-    _atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    _atomic_write_text(run_dir / RESULTS_MD, render_markdown(results))
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / RESULTS_MD, render_markdown(results))
     return results
 
 
@@ -264,7 +252,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 
 def write_markdown(run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir) / RESULTS_MD
-    _atomic_write_text(path, render_markdown(load_results(run_dir)))
+    atomic_write_text(path, render_markdown(load_results(run_dir)))
     return path
 
 

@@ -52,9 +52,7 @@ class AffinityNet(nn.Module):
             [_side(c2, d, 16), _side(c3, d, 16, up=s3 // 2 or 1), _side(c4, d, 16, up=s3 // 2 or 1)]
         )
         self.dp_fuse_high = _side(3 * d, d, 16, up=2)
-        self.dp_out = nn.Sequential(
-            _side(d // 4 + half + d, d, 16), nn.Conv2d(d, 2, 1, bias=True)
-        )
+        self.dp_out = nn.Sequential(_side(d // 4 + half + d, d, 16), nn.Conv2d(d, 2, 1, bias=True))
 
     def train(self, mode: bool = True) -> AffinityNet:
         super().train(mode)
@@ -68,11 +66,16 @@ class AffinityNet(nn.Module):
         with torch.no_grad():
             feats = [f.detach() for f in self.backbone.forward_stages(x, with_stem=True)]
         size = feats[0].shape[-2:]
-        edges = [branch(f)[..., : size[0], : size[1]] for branch, f in zip(self.edge, feats, strict=True)]
+        edges = [
+            branch(f)[..., : size[0], : size[1]] for branch, f in zip(self.edge, feats, strict=True)
+        ]
         edge = self.edge_out(torch.cat(edges, dim=1))
         low = [branch(f) for branch, f in zip(self.dp_low, feats[:2], strict=True)]
         high_size = feats[2].shape[-2:]
-        high = [branch(f)[..., : high_size[0], : high_size[1]] for branch, f in zip(self.dp_high, feats[2:], strict=True)]
+        high = [
+            branch(f)[..., : high_size[0], : high_size[1]]
+            for branch, f in zip(self.dp_high, feats[2:], strict=True)
+        ]
         fused = self.dp_fuse_high(torch.cat(high, dim=1))[..., : size[0], : size[1]]
         displacement = self.dp_out(torch.cat([*low, fused], dim=1))
         return edge, displacement
@@ -155,8 +158,12 @@ class AffinityModule(L.LightningModule):
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         edge, dp = self.net(batch["image"])
-        label = F.interpolate(batch[self.hparams.label_key][:, None].float(), size=edge.shape[-2:], mode="nearest")
-        return relation_losses(edge, dp, label[:, 0].long(), self.hparams.radius, self.hparams.num_classes)
+        label = F.interpolate(
+            batch[self.hparams.label_key][:, None].float(), size=edge.shape[-2:], mode="nearest"
+        )
+        return relation_losses(
+            edge, dp, label[:, 0].long(), self.hparams.radius, self.hparams.num_classes
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
@@ -184,24 +191,45 @@ class AffinityModule(L.LightningModule):
             keys = batch["keys"][i]
             size = tuple(int(s) for s in batch["size"][i])
             rw = random_walk(
-                cams, boundaries[i], beta=self.hparams.beta, exp_times=self.hparams.exp_times,
+                cams,
+                boundaries[i],
+                beta=self.hparams.beta,
+                exp_times=self.hparams.exp_times,
                 radius=self.hparams.walk_radius,
             )
             label = pseudo_label_from_rw(rw, keys, size, bg_threshold=self.hparams.bg_threshold)
-            items.append({"id": image_id, "mask": _to_numpy(label),
-                          "boundary": boundaries[i].float().cpu().numpy()})
+            items.append(
+                {
+                    "id": image_id,
+                    "mask": _to_numpy(label),
+                    "boundary": boundaries[i].float().cpu().numpy(),
+                }
+            )
         return items
 
     def configure_optimizers(self):
         edge = [p for m in (self.net.edge, self.net.edge_out) for p in m.parameters()]
-        dp = [p for m in (self.net.dp_low, self.net.dp_high, self.net.dp_fuse_high, self.net.dp_out)
-              for p in m.parameters()]
-        groups = sgd_param_groups(edge, dp, lr=self.hparams.lr, head_lr_mult=self.hparams.dp_lr_mult,
-                                  weight_decay=self.hparams.weight_decay)
+        dp = [
+            p
+            for m in (self.net.dp_low, self.net.dp_high, self.net.dp_fuse_high, self.net.dp_out)
+            for p in m.parameters()
+        ]
+        groups = sgd_param_groups(
+            edge,
+            dp,
+            lr=self.hparams.lr,
+            head_lr_mult=self.hparams.dp_lr_mult,
+            weight_decay=self.hparams.weight_decay,
+        )
         optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.effective_momentum)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total, self.hparams.poly_power))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, poly_lambda(total, self.hparams.poly_power)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def _to_numpy(x):

@@ -31,7 +31,9 @@ class WeightsUnavailableError(RuntimeError):
 class TinyResNet(ResNet):
     """A narrow ResNet (BasicBlock) with torchvision's module names, for CPU-sized experiments."""
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), blocks: Sequence[int] = (1, 1, 1, 1)):
+    def __init__(
+        self, widths: Sequence[int] = (32, 64, 128, 256), blocks: Sequence[int] = (1, 1, 1, 1)
+    ):
         nn.Module.__init__(self)
         self._norm_layer = nn.BatchNorm2d
         self.dilation, self.groups, self.base_width = 1, 1, 64
@@ -53,7 +55,9 @@ def _build_resnet(arch: str) -> ResNet:
     if arch == "resnet_tiny":
         return TinyResNet()
     if not arch.startswith("resnet") and not arch.startswith("wide_resnet"):
-        raise ValueError(f"backbone.arch={arch!r} is not a ResNet; use resnet_tiny/18/34/50/101/152")
+        raise ValueError(
+            f"backbone.arch={arch!r} is not a ResNet; use resnet_tiny/18/34/50/101/152"
+        )
     return torchvision.models.get_model(arch, weights=None)
 
 
@@ -86,7 +90,9 @@ def _pretrained_state_dict(arch: str, weights: str | None, weights_path: str | N
     try:
         enum = torchvision.models.get_model_weights(arch)[weights]
     except (KeyError, ValueError) as err:
-        raise ValueError(f"backbone.weights={weights!r} is not a torchvision weight of {arch}") from err
+        raise ValueError(
+            f"backbone.weights={weights!r} is not a torchvision weight of {arch}"
+        ) from err
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
     try:
         return enum.get_state_dict(progress=False)
@@ -121,13 +127,17 @@ class ResNetBackbone(nn.Module):
         if norm not in NORM_MODES:
             raise ValueError(f"backbone.norm={norm!r}; choose one of {NORM_MODES}")
         if len(strides) != 4 or len(dilations) != 4:
-            raise ValueError("backbone.strides and backbone.dilations need 4 entries (stem, layer2..4)")
+            raise ValueError(
+                "backbone.strides and backbone.dilations need 4 entries (stem, layer2..4)"
+            )
         net = _build_resnet(arch)
         state = _pretrained_state_dict(arch, weights, weights_path)
         if state is not None:
             missing, _ = net.load_state_dict(state, strict=False)
             if missing:
-                raise WeightsUnavailableError(f"pretrained weights for {arch} miss keys {missing[:5]}")
+                raise WeightsUnavailableError(
+                    f"pretrained weights for {arch} miss keys {missing[:5]}"
+                )
             log.info("Loaded pretrained %s weights (%s)", arch, weights_path or weights)
         net.conv1.stride = (strides[0], strides[0])
         for layer, stride, dilation in zip(
@@ -137,7 +147,9 @@ class ResNetBackbone(nn.Module):
         if norm == "frozen":
             _freeze_batchnorm(net)
         # stage1 = stem + layer1 (IRNet's naming); the stem alone feeds the affinity net's first edge.
-        self.stage1 = nn.Sequential(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1)
+        self.stage1 = nn.Sequential(
+            nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1
+        )
         self.stage2, self.stage3, self.stage4 = net.layer2, net.layer3, net.layer4
         self.stages = [self.stage1, self.stage2, self.stage3, self.stage4]
         self.out_channels = [_out_channels(s) for s in self.stages]

@@ -35,7 +35,9 @@ class CAMNet(nn.Module):
         if self.extra_channels:
             if extra is None:
                 raise ValueError(f"this CAM net expects a {self.extra_channels}-channel extra map")
-            extra = F.interpolate(extra, size=feats.shape[-2:], mode="bilinear", align_corners=False)
+            extra = F.interpolate(
+                extra, size=feats.shape[-2:], mode="bilinear", align_corners=False
+            )
             feats = torch.cat([feats, extra.to(feats.dtype)], dim=1)
         return feats
 
@@ -74,7 +76,11 @@ def multiscale_cams(
     high_res = images.new_zeros((images.shape[0], net.num_classes, height, width))
     for scale in scales:
         size = (round(height * scale), round(width * scale))
-        x = images if scale == 1.0 else F.interpolate(images, size, mode="bilinear", align_corners=False)
+        x = (
+            images
+            if scale == 1.0
+            else F.interpolate(images, size, mode="bilinear", align_corners=False)
+        )
         e = extra
         if flip:
             x = torch.cat([x, x.flip(-1)])
@@ -83,11 +89,15 @@ def multiscale_cams(
         if flip:
             cams = cams[: images.shape[0]] + cams[images.shape[0] :].flip(-1)
         strided += F.interpolate(cams, small, mode="bilinear", align_corners=False)
-        high_res += F.interpolate(cams, up, mode="bilinear", align_corners=False)[..., :height, :width]
+        high_res += F.interpolate(cams, up, mode="bilinear", align_corners=False)[
+            ..., :height, :width
+        ]
     return strided, high_res
 
 
-def keep_and_normalise(cams: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_and_normalise(
+    cams: torch.Tensor, label: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the ground-truth classes of one image, each divided by its own max (IRNet)."""
     keys = torch.nonzero(label > 0.5).flatten()
     kept = cams[keys]
@@ -143,7 +153,11 @@ class CAMClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         strided, high_res = multiscale_cams(
-            self.net, batch["image"], self.hparams.scales, self.hparams.flip, batch.get("context_map")
+            self.net,
+            batch["image"],
+            self.hparams.scales,
+            self.hparams.flip,
+            batch.get("context_map"),
         )
         items = []
         for i, image_id in enumerate(batch["id"]):
@@ -172,4 +186,7 @@ class CAMClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, poly_lambda(total, self.hparams.poly_power)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

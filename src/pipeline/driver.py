@@ -17,7 +17,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from src.evaluation.report import load_results, print_results, update_results, write_markdown
-from src.pipeline.artifacts import StageDir, atomic_write_json
+from src.pipeline.artifacts import StageDir
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -29,6 +29,7 @@ from src.pipeline.runtime import (
 )
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
+from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 RUNNING_FILE = "RUNNING.json"
@@ -124,7 +125,9 @@ def _run_stage(
                 seed=cfg.seed,
             )
         else:
-            update_results(run_dir, round_idx, stage.name, {}, seconds={stage.name: round(seconds, 1)})
+            update_results(
+                run_dir, round_idx, stage.name, {}, seconds={stage.name: round(seconds, 1)}
+            )
         sdir.mark_done(digest, metrics=result.metrics, seconds=seconds, artifacts=result.artifacts)
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
     if stage.rank_zero_only:
@@ -135,7 +138,9 @@ def _run_stage(
 def _prepare_stage_dir(sdir: StageDir, digest: str) -> None:
     """Keep an interrupted attempt at the same config (resume); wipe anything else."""
     running = sdir.path / RUNNING_FILE
-    same_attempt = running.is_file() and json.loads(running.read_text()).get("config_hash") == digest
+    same_attempt = (
+        running.is_file() and json.loads(running.read_text()).get("config_hash") == digest
+    )
     if same_attempt and sdir.read_done() is None:
         log.info("resuming interrupted %s", sdir.path)
         return

@@ -107,7 +107,9 @@ def log_figure(loggers: list[Logger], key: str, path: Path) -> None:
             import numpy as np
             from PIL import Image
 
-            lg.experiment.add_image(key, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+            lg.experiment.add_image(
+                key, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC"
+            )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -149,9 +151,8 @@ def build_trainer(
         default_root_dir=str(stage_dir),
         logger=loggers or False,
         callbacks=cbs + list(callbacks or []),
-        enable_checkpointing=training and any(
-            isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs
-        ),
+        enable_checkpointing=training
+        and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs),
         **overrides,
     )
 

@@ -63,7 +63,9 @@ def test_offline_machine_gets_instructions(monkeypatch):
         raise URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsUnavailableError, match=r"(?s)not cached at .*resnet50-.*weights_path"):
+    with pytest.raises(
+        WeightsUnavailableError, match=r"(?s)not cached at .*resnet50-.*weights_path"
+    ):
         ResNetBackbone(arch="resnet50", weights="IMAGENET1K_V1")
 
 

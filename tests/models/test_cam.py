@@ -55,7 +55,10 @@ def test_keep_and_normalise_keeps_gt_classes_with_unit_max():
 def test_training_step_decreases_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     module = CAMClassifier(tiny_net(), lr=0.05, head_lr_mult=10, momentum=0.9)
-    batch = {"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]] * 2)}
+    batch = {
+        "image": torch.randn(4, 3, 64, 64),
+        "label": torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]] * 2),
+    }
     opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(15):
@@ -74,8 +77,11 @@ def test_momentum_quirk_is_explicit():
 
 def test_predict_step_writes_float16_cams_for_gt_classes_only():
     module = CAMClassifier(tiny_net(), scales=(1.0,), flip=True).eval()
-    batch = {"id": ["a", "b"], "image": torch.randn(2, 3, 64, 64),
-             "label": torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])}
+    batch = {
+        "id": ["a", "b"],
+        "image": torch.randn(2, 3, 64, 64),
+        "label": torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]]),
+    }
     with torch.no_grad():
         items = module.predict_step(batch, 0)
     assert [i["id"] for i in items] == ["a", "b"]

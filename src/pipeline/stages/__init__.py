@@ -4,14 +4,33 @@ from src.pipeline.stage import Stage
 from src.pipeline.stages.cam import eval_cams, make_cams, train_cam
 from src.pipeline.stages.irnet import eval_pseudo, make_ir_labels, make_pseudo_masks, train_affinity
 
-_CAM_TRAINING = ("seed", "data", "backbone", "cam.batch_size", "cam.max_epochs", "cam.crop_size",
-                 "cam.scale_range", "cam.resize_long", "cam.optimizer")
-_AFFINITY_TRAINING = ("affinity.backbone_init", "affinity.edge_width", "affinity.dp_width",
-                      "affinity.crop_size", "affinity.scale_range", "affinity.batch_size",
-                      "affinity.max_epochs", "affinity.module.radius", "affinity.module.lr",
-                      "affinity.module.dp_lr_mult", "affinity.module.weight_decay",
-                      "affinity.module.momentum", "affinity.module.irnet_momentum_quirk",
-                      "affinity.module.poly_power")
+_CAM_TRAINING = (
+    "seed",
+    "data",
+    "backbone",
+    "cam.batch_size",
+    "cam.max_epochs",
+    "cam.crop_size",
+    "cam.scale_range",
+    "cam.resize_long",
+    "cam.optimizer",
+)
+_AFFINITY_TRAINING = (
+    "affinity.backbone_init",
+    "affinity.edge_width",
+    "affinity.dp_width",
+    "affinity.crop_size",
+    "affinity.scale_range",
+    "affinity.batch_size",
+    "affinity.max_epochs",
+    "affinity.module.radius",
+    "affinity.module.lr",
+    "affinity.module.dp_lr_mult",
+    "affinity.module.weight_decay",
+    "affinity.module.momentum",
+    "affinity.module.irnet_momentum_quirk",
+    "affinity.module.poly_power",
+)
 
 # config_keys: what each stage's output depends on (besides its inputs, whose hashes chain in).
 STAGES: dict[str, Stage] = {
@@ -19,16 +38,42 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("train_cam", train_cam, _CAM_TRAINING),
         Stage("make_cams", make_cams, ("cam.inference",), inputs=("train_cam",)),
-        Stage("eval_cams", eval_cams, ("cam.eval", "data.eval_split"), inputs=("make_cams",),
-              rank_zero_only=True),
-        Stage("make_ir_labels", make_ir_labels, ("affinity.ir_label.fg_threshold",
-              "affinity.ir_label.bg_threshold", "affinity.ir_label.crf"), inputs=("make_cams",),
-              rank_zero_only=True),
-        Stage("train_affinity", train_affinity, _AFFINITY_TRAINING,
-              inputs=("train_cam", "make_ir_labels")),
-        Stage("make_pseudo_masks", make_pseudo_masks, ("affinity.module",),
-              inputs=("train_cam", "make_cams", "train_affinity")),
-        Stage("eval_pseudo", eval_pseudo, ("data.eval_split",),
-              inputs=("make_ir_labels", "make_pseudo_masks"), rank_zero_only=True),
+        Stage(
+            "eval_cams",
+            eval_cams,
+            ("cam.eval", "data.eval_split"),
+            inputs=("make_cams",),
+            rank_zero_only=True,
+        ),
+        Stage(
+            "make_ir_labels",
+            make_ir_labels,
+            (
+                "affinity.ir_label.fg_threshold",
+                "affinity.ir_label.bg_threshold",
+                "affinity.ir_label.crf",
+            ),
+            inputs=("make_cams",),
+            rank_zero_only=True,
+        ),
+        Stage(
+            "train_affinity",
+            train_affinity,
+            _AFFINITY_TRAINING,
+            inputs=("train_cam", "make_ir_labels"),
+        ),
+        Stage(
+            "make_pseudo_masks",
+            make_pseudo_masks,
+            ("affinity.module",),
+            inputs=("train_cam", "make_cams", "train_affinity"),
+        ),
+        Stage(
+            "eval_pseudo",
+            eval_pseudo,
+            ("data.eval_split",),
+            inputs=("make_ir_labels", "make_pseudo_masks"),
+            rank_zero_only=True,
+        ),
     ]
 }

@@ -17,9 +17,9 @@ from src.datamodules.datamodule import collate_same_size
 from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
-from src.pipeline.artifacts import atomic_write_bytes
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
+from src.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "cam_net.pt"
@@ -71,7 +71,9 @@ def _state_dict_bytes(net: torch.nn.Module) -> bytes:
 def load_cam_classifier(cfg: DictConfig, train_dir: Path) -> CAMClassifier:
     weights = train_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise MissingArtifactError(f"{weights} is missing: re-run the train_cam stage of this round")
+        raise MissingArtifactError(
+            f"{weights} is missing: re-run the train_cam stage of this round"
+        )
     module = build_cam_classifier(cfg)
     module.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return module
@@ -82,8 +84,12 @@ def make_cams(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     module = load_cam_classifier(cfg, ctx.inputs["train_cam"])
     out_dir = ctx.dir / CAM_DIR
-    dataset = build_dataset(cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std))
-    todo = [i for i, image_id in enumerate(dataset.ids) if not (out_dir / f"{image_id}.npz").is_file()]
+    dataset = build_dataset(
+        cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
+    )
+    todo = [
+        i for i, image_id in enumerate(dataset.ids) if not (out_dir / f"{image_id}.npz").is_file()
+    ]
     log.info("make_cams: %d of %d images to do", len(todo), len(dataset))
     if todo:
         loader = DataLoader(
@@ -146,13 +152,14 @@ def eval_cams(ctx: StageContext) -> StageResult:
             )
     summary = sweep.compute()
     figure = overlay_grid(
-        figure_rows, list(dataset.class_names), ctx.dir / "cams.png", title=f"round {ctx.round}: CAMs"
+        figure_rows,
+        list(dataset.class_names),
+        ctx.dir / "cams.png",
+        title=f"round {ctx.round}: CAMs",
     )
     log_figure(ctx.loggers, "cam/overlays", figure)
     results = _cam_results(summary)
-    return StageResult(
-        metrics=results, artifacts=["cams.png"], results=results, prefix="cam"
-    )
+    return StageResult(metrics=results, artifacts=["cams.png"], results=results, prefix="cam")
 
 
 def _context_names(dataset) -> list[str] | None:

@@ -20,11 +20,11 @@ from src.datamodules.palette import read_label_png, save_label_png
 from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
 from src.models.affinity import AffinityModule, AffinityNet
-from src.pipeline.artifacts import atomic_write_bytes
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE, MissingArtifactError, load_cam
 from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
+from src.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 IR_LABEL_DIR = "ir_labels"
@@ -43,12 +43,16 @@ def _ir_label_job(job: tuple, *, fg: float, bg: float, crf: CRFParams, out_dir: 
     cam = load_cam(cam_dir, image_id)
     high_res = cam["high_res"].astype(np.float32)
     if not np.isfinite(high_res).all():
-        raise ValueError(f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams")
+        raise ValueError(
+            f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams"
+        )
     if high_res.shape[1:] != image.shape[:2]:
         raise MissingArtifactError(
             f"CAM of image {image_id!r} is {high_res.shape[1:]} but the image is {image.shape[:2]}"
         )
-    label = make_ir_label(image, high_res, cam["keys"], fg_threshold=fg, bg_threshold=bg, params=crf)
+    label = make_ir_label(
+        image, high_res, cam["keys"], fg_threshold=fg, bg_threshold=bg, params=crf
+    )
     save_label_png(out_dir / f"{image_id}.png", label)
 
 
@@ -68,8 +72,12 @@ def make_ir_labels(ctx: StageContext) -> StageResult:
         crf=CRFParams(**cfg.affinity.ir_label.crf),
         out_dir=out_dir,
     )
-    log.info("make_ir_labels: %d of %d images, %d workers", len(jobs), len(dataset),
-             cfg.affinity.ir_label.workers)
+    log.info(
+        "make_ir_labels: %d of %d images, %d workers",
+        len(jobs),
+        len(dataset),
+        cfg.affinity.ir_label.workers,
+    )
     run_parallel(job, jobs, workers=cfg.affinity.ir_label.workers)
     stats = _label_stats(out_dir, dataset.ids)
     return StageResult(metrics=stats, artifacts=[IR_LABEL_DIR])
@@ -97,7 +105,9 @@ def build_affinity_module(cfg: DictConfig, cam_train_dir: Path | None) -> Affini
         state = torch.load(cam_train_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
     elif cfg.affinity.backbone_init != "pretrained":
-        raise ValueError(f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam")
+        raise ValueError(
+            f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam"
+        )
     net = AffinityNet(backbone, edge_width=cfg.affinity.edge_width, dp_width=cfg.affinity.dp_width)
     return AffinityModule(net, num_classes=cfg.data.num_classes, **cfg.affinity.module)
 
@@ -116,16 +126,26 @@ def train_affinity(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     aff = cfg.affinity
     transform = train_transform(
-        aff.crop_size, scale_range=tuple(aff.scale_range), mean=cfg.data.mean, std=cfg.data.std,
+        aff.crop_size,
+        scale_range=tuple(aff.scale_range),
+        mean=cfg.data.mean,
+        std=cfg.data.std,
         extra_targets={"ir_label": "label"},
     )
     extras = {"ir_label": _ir_label_loader(ctx.inputs["make_ir_labels"] / IR_LABEL_DIR)}
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
-    loader = DataLoader(dataset, batch_size=aff.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=aff.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
     module = build_affinity_module(cfg, ctx.inputs.get("train_cam"))
-    trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs,
-                            limit_val_batches=0)
+    trainer = build_trainer(
+        cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
+    )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume())
     if trainer.is_global_zero:
         buf = io.BytesIO()
@@ -171,7 +191,9 @@ def make_pseudo_masks(ctx: StageContext) -> StageResult:
     if not weights.is_file():
         raise MissingArtifactError(f"{weights} missing: re-run train_affinity")
     module.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    dataset = build_dataset(cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std))
+    dataset = build_dataset(
+        cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
+    )
     out_dir = ctx.dir / MASK_DIR
     todo = _missing(out_dir, dataset.ids, ".png")
     log.info("make_pseudo_masks: %d of %d images", len(todo), len(dataset))
@@ -200,8 +222,12 @@ def evaluate_label_dirs(
     context_names = list(getattr(dataset, "context_names", None) or []) or None
     metrics = {
         # Scored on rank 0 alone: no cross-rank sync (it would wait for ranks that are idle).
-        name: SegmentationMetric(cfg.data.num_classes, list(dataset.class_names),
-                                 context_names=context_names, sync_on_compute=False)
+        name: SegmentationMetric(
+            cfg.data.num_classes,
+            list(dataset.class_names),
+            context_names=context_names,
+            sync_on_compute=False,
+        )
         for name in label_dirs
     }
     rows = []
@@ -232,7 +258,10 @@ def eval_pseudo(ctx: StageContext) -> StageResult:
         "pseudo-mask": ctx.inputs["make_pseudo_masks"] / MASK_DIR,
     }
     scores, figure = evaluate_label_dirs(
-        cfg, cfg.data.eval_split, dirs, ctx.dir / "pseudo_masks.png",
+        cfg,
+        cfg.data.eval_split,
+        dirs,
+        ctx.dir / "pseudo_masks.png",
         title=f"round {ctx.round}: IR labels and pseudo-masks",
     )
     log_figure(ctx.loggers, "pseudo/overlays", figure)
@@ -244,5 +273,6 @@ def eval_pseudo(ctx: StageContext) -> StageResult:
         **({"context_leakage": pseudo["context_leakage"]} if "context_leakage" in pseudo else {}),
         "ir_label_miou": scores["IR label"]["miou"],
     }
-    return StageResult(metrics=results, artifacts=["pseudo_masks.png"], results=results,
-                       prefix="pseudo")
+    return StageResult(
+        metrics=results, artifacts=["pseudo_masks.png"], results=results, prefix="pseudo"
+    )

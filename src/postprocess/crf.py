@@ -1,0 +1,214 @@
+"""The one dense-CRF wrapper (pydensecrf) used by every stage, plus a process pool for it.
+
+Two parameter sets are in use:
+
+* :data:`IRNET_LABEL_CRF` — IRNet ``imutils.crf_inference_label``: unary from a hard label
+  map (``unary_from_labels``, gt_prob 0.7, zero_unsure False), used for IR labels.
+* :data:`DEEPLAB_CRF` — deeplab-pytorch ``DenseCRF``: unary from softmax probabilities,
+  used to refine segmenter outputs.
+
+pydensecrf is CPU-only and single-threaded, so throughput comes from :func:`run_parallel`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Mean-field iterations and pairwise kernels; ``gt_prob`` only matters for label unaries."""
+
+    iterations: int
+    gaussian_sxy: float
+    gaussian_compat: float
+    bilateral_sxy: float
+    bilateral_srgb: float
+    bilateral_compat: float
+    gt_prob: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if not 0 < self.gt_prob < 1:
+            raise ValueError(f"gt_prob must be in (0, 1), got {self.gt_prob}")
+
+
+IRNET_LABEL_CRF = CRFParams(
+    iterations=10,
+    gaussian_sxy=3,
+    gaussian_compat=3,
+    bilateral_sxy=50,
+    bilateral_srgb=5,
+    bilateral_compat=10,
+    gt_prob=0.7,
+)
+DEEPLAB_CRF = CRFParams(
+    iterations=10,
+    gaussian_sxy=1,
+    gaussian_compat=3,
+    bilateral_sxy=67,
+    bilateral_srgb=3,
+    bilateral_compat=4,
+)
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise TypeError(
+            f"image must be uint8 RGB (the bilateral kernel uses raw colours), got {image.dtype}"
+        )
+    # pydensecrf reads the buffer directly: it must be C-contiguous.
+    return np.ascontiguousarray(image)
+
+
+def _inference(
+    image: np.ndarray, unary: np.ndarray, n_labels: int, params: CRFParams
+) -> np.ndarray:
+    """Run mean-field inference; returns Q as float32 (n_labels, H, W)."""
+    h, w = image.shape[:2]
+    crf = dcrf.DenseCRF2D(w, h, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
+        rgbim=image,
+        compat=params.bilateral_compat,
+    )
+    q = crf.inference(params.iterations)
+    return np.asarray(q, dtype=np.float32).reshape(n_labels, h, w)
+
+
+def crf_labels(
+    image: np.ndarray, labels: np.ndarray, n_labels: int, params: CRFParams = IRNET_LABEL_CRF
+) -> np.ndarray:
+    """CRF-refine a hard label map (IRNet ``crf_inference_label``); returns uint8 (H, W).
+
+    ``image``: uint8 (H, W, 3) RGB; ``labels``: integer (H, W) with values in [0, n_labels).
+    With ``n_labels == 1`` there is nothing to decide and zeros are returned (pydensecrf's
+    label unary divides by n_labels − 1).
+    """
+    image = _check_image(image)
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels shape {labels.shape} does not match image {image.shape[:2]}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
+    if not 1 <= n_labels <= 256:
+        raise ValueError(f"n_labels must be in [1, 256] (uint8 output), got {n_labels}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
+        raise ValueError(
+            f"labels must lie in [0, {n_labels}), got [{labels.min()}, {labels.max()}]"
+        )
+    if n_labels == 1:
+        return np.zeros(labels.shape, np.uint8)
+    unary = unary_from_labels(
+        labels.astype(np.int64), n_labels, gt_prob=params.gt_prob, zero_unsure=False
+    )
+    q = _inference(image, unary, n_labels, params)
+    return np.argmax(q, axis=0).astype(np.uint8)
+
+
+def crf_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = DEEPLAB_CRF) -> np.ndarray:
+    """CRF-refine class probabilities (deeplab-pytorch ``DenseCRF``); returns float32 (C, H, W).
+
+    ``probs``: softmax output (C, H, W) at image resolution; values are clipped to [1e-5, 1]
+    before −log, as ``unary_from_softmax`` does. The result sums to 1 over C at each pixel.
+    """
+    image = _check_image(image)
+    probs = np.asarray(probs)
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"probs must be (C, H, W) with H, W = {image.shape[:2]}, got {probs.shape}"
+        )
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise TypeError(f"probs must be floating point, got {probs.dtype}")
+    if not np.isfinite(probs).all():
+        raise ValueError("probs contains NaN or inf")
+    if probs.size and probs.min() < 0:
+        raise ValueError(f"probs must be non-negative (softmax output), min is {probs.min()}")
+    unary = unary_from_softmax(probs.astype(np.float32))
+    return _inference(image, unary, probs.shape[0], params)
+
+
+def make_ir_label(
+    image: np.ndarray,
+    cams: np.ndarray,
+    keys: Sequence[int] | np.ndarray,
+    fg_threshold: float = 0.30,
+    bg_threshold: float = 0.05,
+    params: CRFParams = IRNET_LABEL_CRF,
+) -> np.ndarray:
+    """IRNet ``cam_to_ir_label`` for one image; returns uint8 (H, W) in {0, *keys, 255}.
+
+    ``cams``: (K, H, W) high-res CAMs of the image's classes, each max-normalised;
+    ``keys``: (K,) 1-based class ids of those channels. Two CRF passes on argmax maps with a
+    constant background plane: ``fg_threshold`` (confident foreground) and ``bg_threshold``
+    (confident background). Pixels that are background in the fg pass become 255 (ignore),
+    unless the bg pass also says background, then 0.
+    """
+    image = _check_image(image)
+    cams = np.asarray(cams)
+    keys_arr = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if cams.ndim != 3 or cams.shape[1:] != image.shape[:2]:
+        raise ValueError(f"cams must be (K, H, W) with H, W = {image.shape[:2]}, got {cams.shape}")
+    if cams.shape[0] != keys_arr.size:
+        raise ValueError(f"{cams.shape[0]} CAM channels but {keys_arr.size} keys")
+    if keys_arr.size and (keys_arr.min() < 1 or keys_arr.max() > 254):
+        raise ValueError(f"keys must be 1-based class ids in [1, 254], got {keys_arr.tolist()}")
+    if not np.isfinite(cams).all():
+        raise ValueError("cams contains NaN or inf")
+    label_ids = np.concatenate([[0], keys_arr])
+
+    def confident(threshold: float) -> np.ndarray:
+        padded = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=threshold)
+        pred = crf_labels(image, np.argmax(padded, axis=0), n_labels=label_ids.size, params=params)
+        return label_ids[pred]
+
+    fg_conf = confident(fg_threshold)
+    bg_conf = confident(bg_threshold)
+    conf = fg_conf.copy()
+    conf[fg_conf == 0] = 255
+    conf[(fg_conf == 0) & (bg_conf == 0)] = 0
+    return conf.astype(np.uint8)
+
+
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    *,
+    chunksize: int | None = None,
+    start_method: str = "spawn",
+) -> list[R]:
+    """``[fn(item) for item in items]`` over a process pool, results in input order.
+
+    ``workers <= 1`` runs inline. ``fn`` and the items must be picklable (a module-level
+    function, or ``functools.partial`` of one); pass light items (ids, paths) and load inside
+    ``fn`` rather than shipping arrays. ``spawn`` (default) is safe after CUDA/OpenMP
+    initialisation; ``fork`` starts faster when the parent holds no threads or CUDA context.
+    """
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    if chunksize is None:
+        chunksize = max(1, len(items) // (workers * 4))  # a few chunks per worker balances load
+    ctx = multiprocessing.get_context(start_method)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(fn, items, chunksize=chunksize))
