@@ -9,7 +9,7 @@ Synthetic 256×256 images (seeded colour blobs + noise). Three workloads:
 Items are seeds; workers build their inputs (≈ms, reported separately) so no arrays are
 pickled. Pooled timings include starting the pool (printed as a separate line).
 
-    python bench/crf.py [--images 32] [--size 256] [--workers 1 2]
+    python bench/crf.py [--images 32] [--size 256] [--workers 1 2] [--start-method fork]
 """
 
 from __future__ import annotations
@@ -77,9 +77,12 @@ def main() -> None:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--start-method", default="spawn", choices=["spawn", "fork", "forkserver"])
     args = p.parse_args()
     seeds = list(range(args.images))
     print(f"{args.images} images of {args.size}x{args.size}, cpu_count={os.cpu_count()}")
+    # Other processes on the machine cap the achievable speed-up: show how busy it was.
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
     start = time.perf_counter()
     for s in seeds[:4]:
@@ -89,10 +92,9 @@ def main() -> None:
     for w in args.workers:
         if w > 1:
             start = time.perf_counter()
-            run_parallel(_noop, seeds, w)
-            print(
-                f"pool start-up with {w} workers (spawn, included below): {time.perf_counter() - start:.2f} s"
-            )
+            run_parallel(_noop, seeds, w, start_method=args.start_method)
+            took = time.perf_counter() - start
+            print(f"pool start-up, {w} workers ({args.start_method}, included below): {took:.2f} s")
 
     print(f"\n{'workload':>14} {'workers':>8} {'images/s':>9} {'s/image':>8} {'speed-up':>9}")
     for name, fn in [
@@ -104,10 +106,11 @@ def main() -> None:
         base = None
         for w in args.workers:
             start = time.perf_counter()
-            run_parallel(job, seeds, w)
+            run_parallel(job, seeds, w, start_method=args.start_method)
             rate = args.images / (time.perf_counter() - start)
             base = base or rate
             print(f"{name:>14} {w:>8} {rate:>9.2f} {1 / rate:>8.3f} {rate / base:>8.2f}x")
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch import nn
 from src.models.backbone import ResNetBackbone
 from src.models.optim import poly_lambda, sgd_param_groups
 from src.postprocess.path_index import affinity_from_boundary, get_path_index
-from src.postprocess.random_walk import pseudo_label_from_rw, random_walk
+from src.postprocess.random_walk import pseudo_label_from_rw, random_walk_batch
 
 
 def _side(in_ch: int, out_ch: int, groups: int, up: int = 1) -> nn.Sequential:
@@ -185,26 +185,18 @@ class AffinityModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Random walk of the stride-4 CAMs on the predicted boundaries, then the label map."""
         boundaries = self.boundary(batch["image"])
+        walks = random_walk_batch(
+            [torch.as_tensor(c).to(boundaries) for c in batch["cam"]],
+            boundaries,
+            beta=self.hparams.beta,
+            exp_times=self.hparams.exp_times,
+            radius=self.hparams.walk_radius,
+        )
         items = []
-        for i, image_id in enumerate(batch["id"]):
-            cams = batch["cam"][i].to(boundaries)
-            keys = batch["keys"][i]
+        for i, (image_id, rw) in enumerate(zip(batch["id"], walks, strict=True)):
             size = tuple(int(s) for s in batch["size"][i])
-            rw = random_walk(
-                cams,
-                boundaries[i],
-                beta=self.hparams.beta,
-                exp_times=self.hparams.exp_times,
-                radius=self.hparams.walk_radius,
-            )
-            label = pseudo_label_from_rw(rw, keys, size, bg_threshold=self.hparams.bg_threshold)
-            items.append(
-                {
-                    "id": image_id,
-                    "mask": _to_numpy(label),
-                    "boundary": boundaries[i].float().cpu().numpy(),
-                }
-            )
+            label = pseudo_label_from_rw(rw, batch["keys"][i], size, self.hparams.bg_threshold)
+            items.append({"id": image_id, "mask": label})
         return items
 
     def configure_optimizers(self):
@@ -231,6 +223,3 @@ class AffinityModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-
-def _to_numpy(x):
-    return x.cpu().numpy() if isinstance(x, torch.Tensor) else x

@@ -1,4 +1,8 @@
-"""Post-processing shared by the pipeline stages: dense CRF, IRNet path index, random walk."""
+"""Post-processing shared by the pipeline stages: dense CRF, IRNet path index, random walk.
+
+Imported eagerly on purpose: ``random_walk`` is both a submodule and a function, and a lazy
+``__getattr__`` would hand out the submodule once something imported it directly.
+"""
 
 from .crf import (
     DEEPLAB_CRF,
