@@ -36,8 +36,10 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install ## Benchmarks (print ratios measured in one run)
+bench: install ## Benchmarks (print ratios measured in one run): CAM stage, random walk, CRF
 	$(PY) bench/cam_stage.py
+	$(PY) bench/random_walk.py
+	$(PY) bench/crf.py
 
 clean-outputs: ## Remove run outputs (outputs/)
 	rm -rf outputs

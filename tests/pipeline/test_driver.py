@@ -103,7 +103,7 @@ def test_changed_setting_redoes_only_the_stages_it_affects(finished_run, tmp_pat
     before = done_seconds(cfg.paths.run_dir)
     marks = {s: StageDir(Path(cfg.paths.run_dir), 0, s).done_file.stat().st_mtime_ns for s in ALL}
     with open_dict(cfg):
-        cfg.affinity.module.bg_threshold = 0.5  # random-walk labelling: make_pseudo_masks onwards
+        cfg.affinity.module.bg_threshold = 0.35  # random-walk labelling: make_pseudo_masks onwards
     train(cfg)
     after = {s: StageDir(Path(cfg.paths.run_dir), 0, s).done_file.stat().st_mtime_ns for s in ALL}
     redone = {s for s in ALL if after[s] != marks[s]}
