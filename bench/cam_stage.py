@@ -37,7 +37,7 @@ class Throughput(L.Callback):
         self.warmup, self.images, self.start = warmup, 0, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if batch_idx == self.warmup:
+        if trainer.global_step == self.warmup:  # global: batch_idx restarts every epoch
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):

@@ -46,6 +46,8 @@ class TinyResNet(ResNet):
         self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
         self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
         self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], 1000)  # a complete torchvision ResNet; stages ignore it
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
