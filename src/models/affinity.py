@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.models.backbone import ResNetBackbone
-from src.models.optim import poly_lambda, sgd_param_groups
+from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
 from src.postprocess.path_index import affinity_from_boundary, get_path_index
 from src.postprocess.random_walk import pseudo_label_from_rw, random_walk_batch
 
@@ -154,7 +154,7 @@ class AffinityModule(L.LightningModule):
 
     @property
     def effective_momentum(self) -> float:
-        return 1e-4 if self.hparams.irnet_momentum_quirk else self.hparams.momentum
+        return effective_momentum(self.hparams.momentum, self.hparams.irnet_momentum_quirk)
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         edge, dp = self.net(batch["image"])
@@ -213,12 +213,10 @@ class AffinityModule(L.LightningModule):
             head_lr_mult=self.hparams.dp_lr_mult,
             weight_decay=self.hparams.weight_decay,
         )
-        optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.effective_momentum)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, poly_lambda(total, self.hparams.poly_power)
+        return poly_sgd(
+            groups,
+            lr=self.hparams.lr,
+            momentum=self.effective_momentum,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            power=self.hparams.poly_power,
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from src.models.backbone import ResNetBackbone
-from src.models.optim import poly_lambda, sgd_param_groups
+from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
 
 
 class CAMNet(nn.Module):
@@ -127,8 +127,7 @@ class CAMClassifier(L.LightningModule):
 
     @property
     def effective_momentum(self) -> float:
-        # IRNet's PolyOptimizer hands (lr, weight_decay) positionally to SGD: momentum becomes 1e-4.
-        return 1e-4 if self.hparams.irnet_momentum_quirk else self.hparams.momentum
+        return effective_momentum(self.hparams.momentum, self.hparams.irnet_momentum_quirk)
 
     def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(images, extra)
@@ -181,12 +180,10 @@ class CAMClassifier(L.LightningModule):
             head_lr_mult=self.hparams.head_lr_mult,
             weight_decay=self.hparams.weight_decay,
         )
-        optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.effective_momentum)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, poly_lambda(total, self.hparams.poly_power)
+        return poly_sgd(
+            groups,
+            lr=self.hparams.lr,
+            momentum=self.effective_momentum,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            power=self.hparams.poly_power,
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

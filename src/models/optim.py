@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 
@@ -30,3 +31,18 @@ def poly_lambda(total_steps: int, power: float) -> Callable[[int], float]:
         return max(0.0, 1.0 - step / total_steps) ** power
 
     return factor
+
+
+def effective_momentum(momentum: float, irnet_momentum_quirk: bool) -> float:
+    """IRNet's PolyOptimizer hands (lr, weight_decay) positionally to SGD, so its momentum is
+    really 1e-4 (SEAM #21, psa #28); the quirk flag reproduces that."""
+    return 1e-4 if irnet_momentum_quirk else momentum
+
+
+def poly_sgd(groups: list[dict], *, lr: float, momentum: float, total_steps: int, power: float):
+    """SGD with a per-step poly schedule, as a Lightning `configure_optimizers` return value."""
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lambda(max(1, total_steps), power)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
