@@ -19,7 +19,7 @@ from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
-from src.utils.io import atomic_write_bytes
+from src.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "cam_net.pt"
@@ -53,19 +53,10 @@ def train_cam(ctx: StageContext) -> StageResult:
     trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=cfg.cam.max_epochs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume())
     if trainer.is_global_zero:
-        buf = _state_dict_bytes(module.net)
-        atomic_write_bytes(ctx.dir / WEIGHTS_FILE, buf)
+        atomic_torch_save(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = module.effective_momentum
     return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
-
-
-def _state_dict_bytes(net: torch.nn.Module) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    return buf.getvalue()
 
 
 def load_cam_classifier(cfg: DictConfig, train_dir: Path) -> CAMClassifier:

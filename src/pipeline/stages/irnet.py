@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE, MissingArtifactError, load_cam
 from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
-from src.utils.io import atomic_write_bytes
+from src.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 IR_LABEL_DIR = "ir_labels"
@@ -148,9 +147,7 @@ def train_affinity(ctx: StageContext) -> StageResult:
     )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume())
     if trainer.is_global_zero:
-        buf = io.BytesIO()
-        torch.save(module.net.state_dict(), buf)
-        atomic_write_bytes(ctx.dir / AFFINITY_WEIGHTS, buf.getvalue())
+        atomic_torch_save(ctx.dir / AFFINITY_WEIGHTS, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return StageResult(metrics=metrics, artifacts=[AFFINITY_WEIGHTS])
 
