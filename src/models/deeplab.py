@@ -1,0 +1,198 @@
+"""DeepLab-v2 segmenter (CONTA `segmentation/` = kazuto1011/deeplab-pytorch, method-spec section 3).
+
+ResNet backbone at output stride 8 (strides (2, 2, 1, 1), dilations (1, 1, 2, 4), frozen BN) + ASPP
+(four parallel dilated 3x3 convs, outputs summed). Training uses deeplab-pytorch's MSC: logits at
+every input scale plus their pixel-wise max, cross-entropy summed over all of them; evaluation and
+prediction use the max only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.evaluation.metrics import SegmentationMetric
+from src.models.backbone import ResNetBackbone
+from src.models.optim import poly_sgd
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling of DeepLab-v2: parallel 3x3 convs, dilation = padding = rate,
+    each in_channels -> num_classes with bias; the branch outputs are summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True)
+            for r in self.rates
+        )
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.constant_(conv.bias, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(branch(x) for branch in self.branches)
+
+
+class DeepLabV2(nn.Module):
+    """Backbone (expected output stride 8) -> ASPP; forward gives logits at the backbone stride."""
+
+    def __init__(
+        self, backbone: ResNetBackbone, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.aspp = ASPP(backbone.out_channels[-1], num_classes, rates)
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aspp(self.backbone(x))
+
+
+def msc_logits(
+    net: nn.Module,
+    x: torch.Tensor,
+    scales: Sequence[float] = (1.0, 0.75, 0.5),
+    training: bool = False,
+) -> list[torch.Tensor] | torch.Tensor:
+    """deeplab-pytorch MSC. Every scale's input is resized bilinearly (align_corners=False); the
+    pixel-wise max is taken after upsampling every logit (bilinear) to the scale-1.0 logit's size
+    (the first scale's when 1.0 is absent).
+
+    training: [logit for each scale in `scales` order] + [max]; otherwise the max only.
+    """
+    logits = []
+    for scale in scales:
+        xs = (
+            x
+            if scale == 1.0
+            else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        )
+        logits.append(net(xs))
+    ref = list(scales).index(1.0) if 1.0 in scales else 0
+    size = logits[ref].shape[-2:]
+    upsampled = [
+        lg
+        if lg.shape[-2:] == size
+        else F.interpolate(lg, size=size, mode="bilinear", align_corners=False)
+        for lg in logits
+    ]
+    fused = torch.stack(upsampled).amax(dim=0)
+    return logits + [fused] if training else fused
+
+
+def msc_loss(
+    logits_list: Sequence[torch.Tensor], target: torch.Tensor, ignore_index: int = 255
+) -> torch.Tensor:
+    """Cross-entropy of every MSC output against the label map (B, H, W) resized to its size with
+    nearest neighbour, summed over the outputs (deeplab-pytorch)."""
+    target = target.long()
+    total = 0.0
+    for logit in logits_list:
+        size = logit.shape[-2:]
+        t = target
+        if t.shape[-2:] != size:
+            t = F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        total = total + F.cross_entropy(logit, t, ignore_index=ignore_index)
+    return total
+
+
+class SegmenterModule(L.LightningModule):
+    """DeepLab-v2 training on (pseudo-)masks; validation mIoU; predict_step gives label maps."""
+
+    def __init__(
+        self,
+        net: DeepLabV2,
+        num_classes: int,
+        lr: float = 2.5e-4,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        poly_power: float = 0.9,
+        aspp_weight_lr_mult: float = 10.0,
+        aspp_bias_lr_mult: float = 20.0,
+        scales: Sequence[float] = (1.0, 0.75, 0.5),
+        label_key: str = "mask",
+        ignore_index: int = 255,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.val_metric = SegmentationMetric(num_classes, ignore_index=ignore_index)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Eval-mode MSC logits (pixel-wise max over scales) at the net's output stride."""
+        return msc_logits(self.net, images, self.hparams.scales, training=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = msc_logits(self.net, batch["image"], self.hparams.scales, training=True)
+        loss = msc_loss(logits, batch[self.hparams.label_key], self.hparams.ignore_index)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        target = batch[self.hparams.label_key]
+        logits = F.interpolate(
+            self(batch["image"]), size=target.shape[-2:], mode="bilinear", align_corners=False
+        )
+        self.val_metric.update(logits.argmax(dim=1), target)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/mIoU", self.val_metric.compute()["miou"], prog_bar=True)
+        self.val_metric.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Label map of each image at its own size `batch["size"][i]` = (H, W). Logits are
+        upsampled to the input tensor's size and cropped when the image fits inside it (batches
+        padded bottom/right), else resized straight to (H, W)."""
+        images = batch["image"]
+        logits = self(images)
+        in_h, in_w = images.shape[-2:]
+        full = F.interpolate(logits, size=(in_h, in_w), mode="bilinear", align_corners=False)
+        items = []
+        for i, image_id in enumerate(batch["id"]):
+            h, w = (int(s) for s in batch["size"][i])
+            if h <= in_h and w <= in_w:
+                logit = full[i, :, :h, :w]
+            else:
+                logit = F.interpolate(
+                    logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False
+                )[0]
+            mask = logit.argmax(dim=0).to(torch.uint8).cpu().numpy()
+            items.append({"id": image_id, "mask": mask})
+        return items
+
+    def param_groups(self) -> list[dict]:
+        """deeplab-pytorch's groups: trainable backbone params (lr, wd), ASPP weights
+        (lr * aspp_weight_lr_mult, wd), ASPP biases (lr * aspp_bias_lr_mult, wd 0)."""
+        hp = self.hparams
+        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        aspp_w = [m.weight for m in self.net.aspp.branches]
+        aspp_b = [m.bias for m in self.net.aspp.branches]
+        groups = [
+            {"params": backbone, "lr": hp.lr, "weight_decay": hp.weight_decay},
+            {
+                "params": aspp_w,
+                "lr": hp.lr * hp.aspp_weight_lr_mult,
+                "weight_decay": hp.weight_decay,
+            },
+            {"params": aspp_b, "lr": hp.lr * hp.aspp_bias_lr_mult, "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        return poly_sgd(
+            self.param_groups(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            power=self.hparams.poly_power,
+        )
