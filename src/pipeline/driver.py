@@ -114,20 +114,16 @@ def _run_stage(
     seconds = time.perf_counter() - start
     if is_global_zero():
         log_metrics(ctx.loggers, result.metrics)
-        if result.results is not None:
-            update_results(
-                run_dir,
-                round_idx,
-                result.prefix or stage.name,
-                result.results,
-                seconds={stage.name: round(seconds, 1)},
-                experiment=cfg.experiment_name,
-                seed=cfg.seed,
-            )
-        else:
-            update_results(
-                run_dir, round_idx, stage.name, {}, seconds={stage.name: round(seconds, 1)}
-            )
+        # Stages without a results row still record their seconds.
+        update_results(
+            run_dir,
+            round_idx,
+            result.prefix or stage.name,
+            result.results or {},
+            seconds={stage.name: round(seconds, 1)},
+            experiment=cfg.experiment_name,
+            seed=cfg.seed,
+        )
         sdir.mark_done(digest, metrics=result.metrics, seconds=seconds, artifacts=result.artifacts)
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
     if stage.rank_zero_only:

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from src.callbacks.prediction_writer import PngPredictionWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
 from src.datamodules.palette import read_label_png, save_label_png
+from src.datamodules.validation import read_rgb
 from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
 from src.models.affinity import AffinityModule, AffinityNet
@@ -38,7 +38,7 @@ def _missing(out_dir: Path, ids: list[str], suffix: str) -> list[int]:
 # -- IR labels ----------------------------------------------------------------------------------
 def _ir_label_job(job: tuple, *, fg: float, bg: float, crf: CRFParams, out_dir: Path) -> None:
     image_id, image_path, cam_dir = job
-    image = np.array(Image.open(image_path).convert("RGB"))  # writable: pydensecrf needs it
+    image = read_rgb(image_path).copy()  # the dataset's reader; writable for pydensecrf
     cam = load_cam(cam_dir, image_id)
     high_res = cam["high_res"].astype(np.float32)
     if not np.isfinite(high_res).all():
