@@ -6,7 +6,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format bench clean clean-outputs
+.PHONY: help install train test test-full lint format bench bench-conta clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-train: install ## Run the default experiment on the embedded synthetic data set (ARGS="key=value ...")
+train: install ## Default experiment (synth_conta, T=2) after its supervised bound (ARGS="key=value ..." for the main run)
+	$(PY) train.py experiment=synth_supervised
 	$(PY) train.py $(ARGS)
 
 test: install ## Fast test suite (no slow or GPU tests)
@@ -36,10 +37,14 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install ## Benchmarks (print ratios measured in one run): CAM stage, random walk, CRF
+bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF
 	$(PY) bench/cam_stage.py
+	$(PY) bench/segmenter.py
 	$(PY) bench/random_walk.py
 	$(PY) bench/crf.py
+
+bench-conta: install ## CONTA vs baseline over 3 seeds + ablations (long: ~1 h on 2 cores)
+	$(PY) bench/conta_vs_baseline.py --jobs 2
 
 clean-outputs: ## Remove run outputs (outputs/)
 	rm -rf outputs

@@ -36,6 +36,16 @@ FAST_AFFINITY = [
     "affinity.ir_label.workers=1",
     "affinity.module.exp_times=4",
 ]
+FAST_SEGMENTER = [
+    "segmenter.max_steps=4",
+    "segmenter.batch_size=8",
+    "segmenter.crop_size=64",
+    "segmenter.inference.batch_size=8",
+    "segmenter.val_every_n_epochs=1",
+    "segmenter.crf_workers=1",
+    "conta.size=[8,8]",  # the tiny set's 64 px images at output stride 8
+]
+FAST = [*TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY, *FAST_SEGMENTER]
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from src.pipeline.driver import check_stages
 from src.pipeline.stages.cam import build_cam_classifier
+from src.pipeline.stages.segmenter import build_segmenter
 from tests.conftest import CONF_DIR, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -15,15 +16,21 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 def test_default_experiment_is_synthetic():
     cfg = compose_cfg([])
-    assert cfg.experiment_name == "synth_irnet"
-    assert cfg.data.name == "synth"
+    assert cfg.experiment_name == "synth_conta" and cfg.round == 2
+    assert cfg.data.name == "synth" and cfg.upper_bound == "synth_supervised"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
     # Paper experiments use ImageNet weights; instantiate the same architecture without them.
     cfg = compose_cfg(
-        [f"experiment={experiment}", "backbone.weights=null", "trainer=cpu"], tmp_path
+        [
+            f"experiment={experiment}",
+            "backbone.weights=null",
+            "segmenter.backbone.weights=null",
+            "trainer=cpu",
+        ],
+        tmp_path,
     )
     OmegaConf.resolve(cfg)
     assert cfg.experiment_name == experiment
@@ -31,6 +38,9 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
     check_stages(cfg)
     module = build_cam_classifier(cfg)
     assert module.net.num_classes == cfg.data.num_classes - 1
+    if "train_segmenter" in cfg.stages:
+        segmenter = build_segmenter(cfg)
+        assert segmenter.net.output_stride == 8
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_epochs is None or trainer.max_epochs >= 1
 
@@ -49,6 +59,42 @@ def test_paper_settings(experiment):
     )
     assert cam.optimizer.poly_power == 0.9 and cam.optimizer.irnet_momentum_quirk is True
     assert list(cam.inference.scales) == [1.0, 0.5, 1.5, 2.0]
+
+
+@pytest.mark.parametrize("experiment", ["voc_irnet", "voc_conta", "coco_conta", "voc_supervised"])
+def test_deeplab_paper_settings(experiment):
+    seg = compose_cfg([f"experiment={experiment}"]).segmenter
+    assert seg.backbone.arch == "resnet101" and seg.backbone.norm == "frozen"
+    assert list(seg.backbone.strides) == [2, 2, 1, 1] and list(seg.rates) == [6, 12, 18, 24]
+    assert (seg.batch_size * seg.accumulate_grad_batches, seg.max_steps, seg.crop_size) == (
+        10,
+        20000,
+        321,
+    )
+    m = seg.module
+    assert (m.lr, m.weight_decay, m.momentum, m.poly_power, m.poly_every) == (
+        2.5e-4,
+        5e-4,
+        0.9,
+        0.9,
+        10,
+    )
+    assert (m.aspp_weight_lr_mult, m.aspp_bias_lr_mult) == (10, 20)
+    assert list(m.scales) == [1.0, 0.75, 0.5]
+    assert list(seg.scale_choices) == [0.5, 0.75, 1.0, 1.25, 1.5]
+    assert seg.crf.iterations == 10 and seg.crf.bilateral_sxy == 67
+
+
+@pytest.mark.parametrize("experiment", ["voc_conta", "coco_conta"])
+def test_conta_paper_settings(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.round == 3 and cfg.stages[-1] == "confounders"
+    assert list(cfg.conta.size) == [32, 32] and cfg.conta.prior == "uniform"
+    assert (cfg.conta.inject_at, cfg.conta.post_concat_conv, cfg.conta.init) == (
+        "layer4_out",
+        "none",
+        "reinit",
+    )
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu"])
@@ -72,7 +118,7 @@ def test_logger_groups_compose(logger):
 def test_bad_stage_list_is_rejected():
     from src.pipeline.driver import PipelineError
 
-    cfg = compose_cfg(["stages=[make_cams]"])
+    cfg = compose_cfg(["stages=[make_cams]", "round=0"])
     with pytest.raises(PipelineError, match="needs \\['train_cam'\\] earlier"):
         check_stages(cfg)
     cfg = compose_cfg(["stages=[train_cam,typo]"])

@@ -51,3 +51,27 @@ class PngPredictionWriter(PerImageWriter):
 
     def write_item(self, item: dict) -> None:
         save_label_png(self.out_dir / f"{item['id']}.png", item[self.key])
+
+
+class SegmentationWriter(PngPredictionWriter):
+    """Masks as palette PNGs in `out_dir`; with `logits_dir`, each item's stride-8 `logits` also
+    go to `logits_dir/{id}.npz` in `logits_dtype` (kept for the CRF step, as deeplab-pytorch)."""
+
+    def __init__(
+        self, out_dir: Path, logits_dir: Path | None = None, logits_dtype: str = "float16"
+    ):
+        super().__init__(out_dir, key="mask")
+        self.logits_dir = None if logits_dir is None else Path(logits_dir)
+        self.logits_dtype = logits_dtype
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.logits_dir is not None:
+            self.logits_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_item(self, item: dict) -> None:
+        if self.logits_dir is not None:
+            # Logits first: a mask PNG on disk then implies its logits are there too.
+            logits = item["logits"].astype(self.logits_dtype)
+            atomic_save_npz(self.logits_dir / f"{item['id']}.npz", logits=logits)
+        super().write_item(item)

@@ -7,7 +7,7 @@ says where each split lives (see conf/data/*.yaml).
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -160,7 +160,8 @@ class WSSSDataModule(L.LightningDataModule):
     * val: IRNet's top-left ``crop_size`` crop so batches collate (``val_transform``);
     * predict: full images (``eval_transform``), ``predict_batch_size`` (1 for mixed sizes).
     ``extra_train_targets`` / ``extra_eval_targets`` map a sample key to an ``ExtraTarget``
-    (e.g. ``{"context_map": ExtraTarget("float", load_m)}`` for CONTA).
+    (e.g. ``{"frame": ExtraTarget("float", load_frame)}`` for CONTA); ``wrap`` wraps every
+    data set built (e.g. ``ContextMaskDataset`` adding each image's context mask).
     """
 
     def __init__(
@@ -178,6 +179,7 @@ class WSSSDataModule(L.LightningDataModule):
         predict_batch_size: int = 1,
         extra_train_targets: Mapping[str, ExtraTarget] | None = None,
         extra_eval_targets: Mapping[str, ExtraTarget] | None = None,
+        wrap: Callable[[SegmentationDataset], SegmentationDataset] | None = None,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -193,6 +195,7 @@ class WSSSDataModule(L.LightningDataModule):
         self.predict_batch_size = int(predict_batch_size)
         self.extra_train_targets = dict(extra_train_targets or {})
         self.extra_eval_targets = dict(extra_eval_targets or {})
+        self.wrap = wrap
         self.pin_memory = pin_memory
         self.mean = tuple(_get(data_cfg, "mean", IMAGENET_MEAN))
         self.std = tuple(_get(data_cfg, "std", IMAGENET_STD))
@@ -222,7 +225,8 @@ class WSSSDataModule(L.LightningDataModule):
         self, split: str, transform: Transform, extras: Mapping[str, ExtraTarget]
     ) -> SegmentationDataset:
         loaders = {name: e.load for name, e in extras.items()}
-        return build_dataset(self.data_cfg, split, transform, extras=loaders)
+        dataset = build_dataset(self.data_cfg, split, transform, extras=loaders)
+        return dataset if self.wrap is None else self.wrap(dataset)
 
     def _kinds(self, extras: Mapping[str, ExtraTarget]) -> dict[str, str]:
         return {name: e.kind for name, e in extras.items()}

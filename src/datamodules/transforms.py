@@ -14,6 +14,11 @@ Extra targets ride through the same geometry via albumentations ``additional_tar
   resampled bilinearly and padded with 0, like the image. The geometry holds no pixel-value
   transform, so treating them as images is exact.
 Passing a key that was not declared raises (albumentations would pass it through untransformed).
+
+``frame_grid`` is the "float" target that records where each pixel came from: (u, v) = its
+normalised coordinates in the original image (grid_sample convention, align_corners=False) and
+valid = 1, so after the geometry padding reads (0, 0, 0). Coordinates are linear in the pixel
+index, so bilinear resampling keeps them exact; CONTA uses it to move M with the image.
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ TargetKind = Literal["label", "float"]
 # Targets every data set may carry: the synthetic set's ground-truth context regions.
 DEFAULT_TARGETS: dict[str, TargetKind] = {"context": "label"}
 _ALBU_TYPE = {"label": "mask", "float": "image"}
+
+
+def frame_grid(height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32 (u, v, valid): u = (2x + 1) / W - 1, v = (2y + 1) / H - 1, valid = 1."""
+    u = (2.0 * np.arange(width, dtype=np.float32) + 1.0) / width - 1.0
+    v = (2.0 * np.arange(height, dtype=np.float32) + 1.0) / height - 1.0
+    grid = np.ones((height, width, 3), np.float32)
+    grid[..., 0] = u[None, :]
+    grid[..., 1] = v[:, None]
+    return grid
+
+
+def load_frame(image_id: str, hw: tuple[int, int]) -> np.ndarray:
+    """An extra-target loader (``ExtraTarget("float", load_frame)``); picklable for workers."""
+    return frame_grid(int(hw[0]), int(hw[1]))
 
 
 def _merge_targets(extra_targets: Mapping[str, str] | None) -> dict[str, TargetKind]:
@@ -148,17 +168,37 @@ def train_transform(
     hflip: bool = True,
     extra_targets: Mapping[str, str] | None = None,
     seed: int | None = None,
+    scale_choices: Sequence[float] | None = None,
 ) -> SegTransform:
-    """Random rescale (long side ~ U{resize_long} as IRNet, else scale ~ U[scale_range]),
-    h-flip, pad to ``crop_size`` (image 0 = mean colour, mask 255), random crop."""
-    if resize_long is not None:
+    """Random rescale (long side ~ U{resize_long} as IRNet; a factor drawn from
+    ``scale_choices`` as deeplab-pytorch; else a factor ~ U[scale_range]), h-flip, pad to
+    ``crop_size`` (image 0 = mean colour, mask 255), random crop."""
+    if resize_long is not None and scale_choices is not None:
+        raise ValueError("give resize_long or scale_choices, not both")
+    if scale_choices is not None:
+        if not scale_choices or min(scale_choices) <= 0:
+            raise ValueError(f"scale_choices must be positive factors, got {scale_choices}")
+        # OneOf picks a child uniformly; a RandomScale with equal limits is a fixed factor.
+        resize = A.OneOf(
+            [
+                A.RandomScale(
+                    scale_limit=(float(s) - 1.0, float(s) - 1.0),
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    p=1.0,
+                )
+                for s in scale_choices
+            ],
+            p=1.0,
+        )
+    elif resize_long is not None:
         lo, hi = (int(v) for v in resize_long)
         if not 0 < lo <= hi:
             raise ValueError(
                 f"resize_long must be (min, max) with 0 < min <= max, got {resize_long}"
             )
         # A list of sizes makes LongestMaxSize pick one uniformly: integer U[lo, hi] like IRNet.
-        resize: A.BasicTransform = A.LongestMaxSize(
+        resize = A.LongestMaxSize(
             max_size=list(range(lo, hi + 1)),
             interpolation=cv2.INTER_LINEAR,
             mask_interpolation=cv2.INTER_NEAREST,

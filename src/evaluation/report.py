@@ -198,7 +198,71 @@ def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             else:
                 cells.append(_delta(values["0"][name], v))
         rows.append(cells)
+    rows += _upper_bound_rows(results, headers, values)
     return headers, rows
+
+
+def _upper_bound_rows(
+    results: Mapping[str, Any], headers: list[str], values: Mapping[str, dict]
+) -> list[list[str]]:
+    """The fully-supervised segmenter on the same data, and the last round as a % of it."""
+    bound = results.get("upper_bound")
+    if not bound or not values:
+        return []
+    last = list(values)[-1]
+    sup_row = [f"supervised ({bound.get('experiment')})"]
+    ratio_row = [f"r{last} / supervised"]
+    for name in headers[1:]:
+        key = {"Seg mIoU": "seg_miou", "Seg+CRF mIoU": "seg_crf_miou"}.get(name)
+        sup = bound.get(key) if key else None
+        ours = values[last].get(name)
+        sup_row.append(_pct(sup) if key else "")
+        ratio = None if sup in (None, 0) or ours is None else ours / sup
+        ratio_row.append(f"{100 * ratio:.0f}%" if ratio is not None else "")
+    return [sup_row, ratio_row]
+
+
+def attach_upper_bound(run_dir: str | os.PathLike, bound_dir: str | os.PathLike, name: str) -> dict:
+    """Copy the supervised run's segmenter mIoU (round 0) into this run's results.json."""
+    results = load_results(run_dir)
+    path = Path(bound_dir) / RESULTS_JSON
+    if not path.is_file():
+        results.pop("upper_bound", None)
+    else:
+        row = load_results(bound_dir)["rounds"].get("0", {})
+        results["upper_bound"] = {
+            "experiment": name,
+            "seg_miou": row.get("seg_miou"),
+            "seg_crf_miou": row.get("seg_crf_miou"),
+            "run_dir": str(Path(bound_dir)),
+        }
+    atomic_write_text(Path(run_dir) / RESULTS_JSON, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def round_curves(results: Mapping[str, Any], out_path: str | os.PathLike) -> Path:
+    """mIoU of every stage per round (the CONTA curves), with the supervised bound if known."""
+    from src.evaluation.figures import curve_plot
+
+    rounds = results["rounds"]
+    xs = [int(r) for r in rounds]
+    series = {
+        label: [rounds[r].get(key) for r in rounds]
+        for label, key in [
+            ("CAM", "cam_miou"),
+            ("pseudo-mask", "pseudo_miou"),
+            ("seg", "seg_miou"),
+            ("seg + CRF", "seg_crf_miou"),
+        ]
+    }
+    series = {k: [None if v is None else 100 * v for v in vs] for k, vs in series.items()}
+    series = {k: vs for k, vs in series.items() if any(v is not None for v in vs)}
+    bound = (results.get("upper_bound") or {}).get("seg_miou")
+    if bound is not None:
+        series["supervised seg"] = [100 * bound] * len(xs)
+    return curve_plot(
+        xs, series, out_path, xlabel="round", ylabel="mIoU (%)", title=_title(results)
+    )
 
 
 def per_class_table(results: Mapping[str, Any]) -> tuple[str | None, list[str], list[list[str]]]:

@@ -28,6 +28,27 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be loaded (offline machine, missing file)."""
 
 
+class DtypePreservingFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d whose output keeps the input's dtype.
+
+    The parent computes ``x * scale + bias`` with float32 ``scale``/``bias``, so under bf16/fp16
+    autocast every frozen BN promotes its (half-precision) conv output back to float32 and the
+    next conv casts it down again: more memory traffic and float32 activations saved for backward.
+    Here scale and bias are still computed in float32 from the buffers, then cast once to the
+    input's dtype. For float32 inputs the arithmetic is the parent's, op for op (identical
+    results); buffers and state-dict keys are the parent's, so torchvision weights load as before.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale.to(x.dtype) + bias.to(x.dtype)
+
+
 class TinyResNet(ResNet):
     """A narrow ResNet (BasicBlock) with torchvision's module names, for CPU-sized experiments."""
 
@@ -192,10 +213,14 @@ class ResNetBackbone(nn.Module):
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
-    """Swap every BatchNorm2d for torchvision's FrozenBatchNorm2d, keeping its statistics."""
+    """Swap every BatchNorm2d for a (dtype-preserving) FrozenBatchNorm2d, keeping its statistics.
+
+    ("fixed" mode needs no such swap: nn.BatchNorm2d in eval mode already returns the input's
+    dtype under autocast.)
+    """
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen = DtypePreservingFrozenBatchNorm2d(child.num_features, eps=child.eps)
             for key in ("weight", "bias", "running_mean", "running_var"):
                 getattr(frozen, key).copy_(getattr(child, key).detach())
             setattr(module, name, frozen)

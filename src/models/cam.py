@@ -1,7 +1,11 @@
-"""CAM classifier: backbone -> (optional extra map concatenated) -> GAP -> 1x1 class conv without bias.
+"""CAM classifier: backbone -> (optional CONTA context map concatenated) -> GAP -> 1x1 class
+conv without bias.
 
-The extra input is CONTA's context map M: it is resized to the feature map, concatenated channel-wise
-to the last stage's output and seen by the same class conv, so CAMs stay `ReLU(W [F; M])`.
+CONTA's context map M (``src.models.context``) is concatenated channel-wise, by default to the
+last stage's output where the same class conv sees it, so CAMs stay `ReLU(W [F; M])`. A net with
+a context module reads two more inputs: the image's mask encoding (``context_mask``, B x h x w,
+full-image frame) and the input's ``frame`` map (B x 3 x H x W) that places M under the
+augmentation.
 """
 
 from __future__ import annotations
@@ -16,39 +20,187 @@ from torch import nn
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from src.models.backbone import ResNetBackbone
+from src.models.context import ContextModule, sample_in_frame
 from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
+
+INJECT_POINTS = {"layer2_in": 1, "layer3_in": 2, "layer4_in": 3, "layer4_out": 4}
+POST_CONCAT_CONVS = {"none": 0, "1x1": 1, "3x3": 3}
+
+
+class ContextInputError(ValueError):
+    """A CONTA classifier was called without its context mask or frame map."""
+
+
+def _widen_conv(conv: nn.Conv2d, extra: int) -> nn.Conv2d:
+    """The same conv with ``extra`` more input channels: old weights kept, new ones zero, so the
+    widened net computes exactly what the original did until the new weights learn."""
+    if conv.groups != 1:
+        raise ValueError("cannot widen a grouped conv for the context channel")
+    wide = nn.Conv2d(
+        conv.in_channels + extra,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, : conv.in_channels] = conv.weight
+        if conv.bias is not None:
+            wide.bias.copy_(conv.bias)
+    wide.requires_grad_(conv.weight.requires_grad)
+    return wide
+
+
+def _widen_stage_input(stage: nn.Sequential, extra: int) -> None:
+    """Let a ResNet stage take ``extra`` more input channels: its first block's conv1 and
+    shortcut conv both read the stage input."""
+    block = stage[0]
+    if block.downsample is None:
+        raise ValueError(
+            "this stage's first block has an identity shortcut, so it cannot take an extra "
+            "input channel; inject the context elsewhere"
+        )
+    block.conv1 = _widen_conv(block.conv1, extra)
+    block.downsample[0] = _widen_conv(block.downsample[0], extra)
+
+
+def _identity_conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+    """A conv whose first ``out_channels`` inputs pass through unchanged at init (extra inputs
+    get zero weights), so adding it does not disturb pretrained features."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        idx = torch.arange(out_channels)
+        conv.weight[idx, idx, kernel // 2, kernel // 2] = 1.0
+    return conv
 
 
 class CAMNet(nn.Module):
-    def __init__(self, backbone: ResNetBackbone, num_classes: int, extra_channels: int = 0):
+    """backbone -> GAP -> 1x1 class conv without bias; CAM = ReLU(W F).
+
+    With a CONTA ``context`` module the context map M (1 channel, Eq. 3) is concatenated to the
+    features at ``inject_at``:
+    * "layer4_out" (default, the author's choice): after the last stage, so the class conv sees
+      [F; M] and the CAM is ReLU(W [F; M]); ``post_concat_conv`` ("1x1" / "3x3") inserts an
+      identity-initialised conv + ReLU mapping C+1 -> C channels before GAP;
+    * "layer4_in" / "layer3_in" / "layer2_in": into that stage's input; its first block's conv1
+      and shortcut conv take one more (zero-initialised) input channel.
+    M is computed at the confounders' canonical size in the full-image frame and resampled to
+    the feature grid through the input's ``frame`` map (see ``sample_in_frame``).
+    """
+
+    def __init__(
+        self,
+        backbone: ResNetBackbone,
+        num_classes: int,
+        context: ContextModule | None = None,
+        inject_at: str = "layer4_out",
+        post_concat_conv: str = "none",
+    ):
         super().__init__()
+        if inject_at not in INJECT_POINTS:
+            raise ValueError(f"inject_at={inject_at!r}; choose one of {list(INJECT_POINTS)}")
+        if post_concat_conv not in POST_CONCAT_CONVS:
+            raise ValueError(
+                f"post_concat_conv={post_concat_conv!r}; choose one of {list(POST_CONCAT_CONVS)}"
+            )
         self.backbone = backbone
         self.num_classes = num_classes
-        self.extra_channels = extra_channels
-        self.classifier = nn.Conv2d(
-            backbone.out_channels[-1] + extra_channels, num_classes, kernel_size=1, bias=False
-        )
+        self.context = context
+        self.inject_at = inject_at
+        self.post_concat_conv = post_concat_conv if context is not None else "none"
+        # Stage index the context map is concatenated in front of (4 = after the last stage).
+        self._inject_stage = INJECT_POINTS[inject_at] if context is not None else None
+        self.post_conv: nn.Module | None = None
+        channels = backbone.out_channels[-1]
+        if context is not None:
+            if self._inject_stage == 4:
+                kernel = POST_CONCAT_CONVS[post_concat_conv]
+                if kernel:
+                    self.post_conv = nn.Sequential(
+                        _identity_conv(channels + 1, channels, kernel), nn.ReLU(inplace=True)
+                    )
+                else:
+                    channels += 1
+            else:
+                if post_concat_conv != "none":
+                    raise ValueError(
+                        f"post_concat_conv={post_concat_conv!r} only applies to "
+                        "inject_at=layer4_out; the stage after the concatenation already mixes M"
+                    )
+                if self._inject_stage < backbone.frozen_stages:
+                    raise ValueError(
+                        f"inject_at={inject_at} feeds a frozen stage (backbone.frozen_stages="
+                        f"{backbone.frozen_stages}), so W1/W2 would get no gradient; lower "
+                        "frozen_stages or inject later"
+                    )
+                _widen_stage_input(backbone.stages[self._inject_stage], 1)
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
 
-    def features(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        feats = self.backbone(x)
-        if self.extra_channels:
-            if extra is None:
-                raise ValueError(f"this CAM net expects a {self.extra_channels}-channel extra map")
-            extra = F.interpolate(
-                extra, size=feats.shape[-2:], mode="bilinear", align_corners=False
-            )
-            feats = torch.cat([feats, extra.to(feats.dtype)], dim=1)
-        return feats
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Freshly initialised parameters outside the backbone: classifier, W1/W2, post conv."""
+        modules = [self.classifier, self.context, self.post_conv]
+        return [p for m in modules if m is not None for p in m.parameters()]
 
-    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def context_map(self, context_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """M (B, 1, h, w) at the canonical size in the full-image frame (None without context)."""
+        if self.context is None:
+            return None
+        if context_mask is None:
+            raise ContextInputError("this CAM net has a context module and needs a context mask")
+        return self.context(context_mask)
+
+    def _concat(self, x: torch.Tensor, m: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+        m_feat = sample_in_frame(m, frame, x.shape[-2:]).to(x.dtype)
+        return torch.cat([x, m_feat], dim=1)
+
+    def features(
+        self,
+        x: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        frame: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.context is None:
+            return self.backbone(x)
+        if frame is None:
+            raise ContextInputError("this CAM net has a context module and needs a frame map")
+        m = self.context_map(context_mask)
+        bb = self.backbone
+        for i, stage in enumerate(bb.stages):
+            if i == self._inject_stage:
+                x = self._concat(x, m, frame)
+            # Same gradient gating as ResNetBackbone.forward_stages (frozen stages get none).
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= bb.frozen_stages):
+                x = stage(x)
+        if self._inject_stage == len(bb.stages):
+            x = self._concat(x, m, frame)
+            if self.post_conv is not None:
+                x = self.post_conv(x)
+        return x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        frame: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Class logits (B, num_classes)."""
-        pooled = self.features(x, extra).mean(dim=(2, 3), keepdim=True)
+        pooled = self.features(x, context_mask, frame).mean(dim=(2, 3), keepdim=True)
         return self.classifier(pooled).flatten(1)
 
-    def cam(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def cam(
+        self,
+        x: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        frame: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Class activation maps (B, num_classes, h, w) at the backbone's output stride."""
-        return F.relu(F.conv2d(self.features(x, extra), self.classifier.weight))
+        return F.relu(F.conv2d(self.features(x, context_mask, frame), self.classifier.weight))
 
 
 def strided_size(size: Sequence[int], stride: int) -> tuple[int, int]:
@@ -60,10 +212,16 @@ def multiscale_cams(
     images: torch.Tensor,
     scales: Sequence[float],
     flip: bool,
-    extra: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    frame: torch.Tensor | None = None,
     cam_stride: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IRNet make_cam: sum over scales (and flips) of the CAMs, at stride 4 and at full resolution.
+
+    With a context net, ``context_mask`` (B, h, w) is the same for every copy (it lives in the
+    full-image frame) and ``frame`` (B, 3, H, W) is flipped with the image. The frame is not
+    rescaled: the net resamples it straight to each scale's feature grid, which covers the same
+    image extent.
 
     Returns (strided (B,K,ceil(H/4),ceil(W/4)), high_res (B,K,H,W)), not yet normalised.
     """
@@ -81,11 +239,12 @@ def multiscale_cams(
             if scale == 1.0
             else F.interpolate(images, size, mode="bilinear", align_corners=False)
         )
-        e = extra
+        m, f = context_mask, frame
         if flip:
             x = torch.cat([x, x.flip(-1)])
-            e = None if extra is None else torch.cat([extra, extra.flip(-1)])
-        cams = net.cam(x, e)
+            m = None if m is None else torch.cat([m, m])
+            f = None if f is None else torch.cat([f, f.flip(-1)])
+        cams = net.cam(x, m, f)
         if flip:
             cams = cams[: images.shape[0]] + cams[images.shape[0] :].flip(-1)
         strided += F.interpolate(cams, small, mode="bilinear", align_corners=False)
@@ -103,6 +262,9 @@ def keep_and_normalise(
     kept = cams[keys]
     kept = kept / (kept.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5)
     return kept, keys + 1  # keys as 1-based class ids (0 = background)
+
+
+CONTEXT_KEYS = ("context_mask", "frame")
 
 
 class CAMClassifier(L.LightningModule):
@@ -129,11 +291,30 @@ class CAMClassifier(L.LightningModule):
     def effective_momentum(self) -> float:
         return effective_momentum(self.hparams.momentum, self.hparams.irnet_momentum_quirk)
 
-    def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(images, extra)
+    def forward(
+        self,
+        images: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        frame: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.net(images, context_mask, frame)
+
+    def _context_inputs(self, batch: dict) -> dict:
+        """The batch's context mask and frame when the net has a context module (else none)."""
+        if self.net.context is None:
+            return {}
+        missing = [k for k in CONTEXT_KEYS if k not in batch]
+        if missing:
+            raise ContextInputError(
+                f"the CONTA classifier needs batch keys {list(CONTEXT_KEYS)}, missing {missing} "
+                f"(batch has {sorted(batch)}). Fix: attach 'frame' as an extra target "
+                "ExtraTarget('float', load_frame) to every loader (train, val, predict) and wrap "
+                "the data sets in ContextMaskDataset(dataset, confounders) for 'context_mask'."
+            )
+        return {k: batch[k] for k in CONTEXT_KEYS}
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["image"], batch.get("context_map"))
+        logits = self(batch["image"], **self._context_inputs(batch))
         return F.multilabel_soft_margin_loss(logits, batch["label"]), logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -156,7 +337,7 @@ class CAMClassifier(L.LightningModule):
             batch["image"],
             self.hparams.scales,
             self.hparams.flip,
-            batch.get("context_map"),
+            **self._context_inputs(batch),
         )
         items = []
         for i, image_id in enumerate(batch["id"]):
@@ -173,9 +354,11 @@ class CAMClassifier(L.LightningModule):
         return items
 
     def configure_optimizers(self):
+        # W1/W2 (and a post-concat conv) are freshly initialised like the classifier, so they
+        # join IRNet's 10x head group; widened backbone convs stay in the backbone group.
         groups = sgd_param_groups(
             [p for p in self.net.backbone.parameters() if p.requires_grad],
-            list(self.net.classifier.parameters()),
+            self.net.head_parameters(),
             lr=self.hparams.lr,
             head_lr_mult=self.hparams.head_lr_mult,
             weight_decay=self.hparams.weight_decay,

@@ -8,7 +8,10 @@ prediction use the max only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,6 +21,10 @@ from torch import nn
 from src.evaluation.metrics import SegmentationMetric
 from src.models.backbone import ResNetBackbone
 from src.models.optim import poly_sgd
+from src.utils.io import atomic_torch_save
+
+SEGMENTER_FORMAT = "wsss-segmenter/1"
+SPEC_KEYS = ("backbone", "num_classes", "class_names", "mean", "std", "scales", "rates")
 
 
 class ASPP(nn.Module):
@@ -107,7 +114,8 @@ def msc_loss(
 
 
 class SegmenterModule(L.LightningModule):
-    """DeepLab-v2 training on (pseudo-)masks; validation mIoU; predict_step gives label maps."""
+    """DeepLab-v2 training on `batch[label_key]` (pseudo-masks, or `mask` for the supervised
+    bound); validation always against the ground truth `mask`; predict_step gives label maps."""
 
     def __init__(
         self,
@@ -117,6 +125,7 @@ class SegmenterModule(L.LightningModule):
         weight_decay: float = 5e-4,
         momentum: float = 0.9,
         poly_power: float = 0.9,
+        poly_every: int = 1,
         aspp_weight_lr_mult: float = 10.0,
         aspp_bias_lr_mult: float = 20.0,
         scales: Sequence[float] = (1.0, 0.75, 0.5),
@@ -127,6 +136,8 @@ class SegmenterModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.val_metric = SegmentationMetric(num_classes, ignore_index=ignore_index)
+        # Set by the stage that needs them (the CRF step): stride-8 logits in predict outputs.
+        self.predict_logits = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Eval-mode MSC logits (pixel-wise max over scales) at the net's output stride."""
@@ -139,7 +150,7 @@ class SegmenterModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        target = batch[self.hparams.label_key]
+        target = batch["mask"]
         logits = F.interpolate(
             self(batch["image"]), size=target.shape[-2:], mode="bilinear", align_corners=False
         )
@@ -152,7 +163,8 @@ class SegmenterModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Label map of each image at its own size `batch["size"][i]` = (H, W). Logits are
         upsampled to the input tensor's size and cropped when the image fits inside it (batches
-        padded bottom/right), else resized straight to (H, W)."""
+        padded bottom/right), else resized straight to (H, W). With `predict_logits`, the items
+        also carry the stride-8 logits of the image's own extent (deeplab-pytorch saves these)."""
         images = batch["image"]
         logits = self(images)
         in_h, in_w = images.shape[-2:]
@@ -166,8 +178,12 @@ class SegmenterModule(L.LightningModule):
                 logit = F.interpolate(
                     logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False
                 )[0]
-            mask = logit.argmax(dim=0).to(torch.uint8).cpu().numpy()
-            items.append({"id": image_id, "mask": mask})
+            item = {"id": image_id, "mask": logit.argmax(dim=0).to(torch.uint8).cpu().numpy()}
+            if self.predict_logits:
+                stride = self.net.output_stride
+                lh, lw = -(-h // stride), -(-w // stride)  # ceil: the extent the image covers
+                item["logits"] = logits[i, :, :lh, :lw].float().cpu().numpy()
+            items.append(item)
         return items
 
     def param_groups(self) -> list[dict]:
@@ -195,4 +211,54 @@ class SegmenterModule(L.LightningModule):
             momentum=self.hparams.momentum,
             total_steps=int(self.trainer.estimated_stepping_batches),
             power=self.hparams.poly_power,
+            every=self.hparams.poly_every,
         )
+
+
+class CheckpointError(ValueError):
+    """A segmenter checkpoint that is missing, unreadable or does not fit the model it describes."""
+
+
+def build_deeplab(spec: Mapping[str, Any]) -> DeepLabV2:
+    """DeepLabV2 from a checkpoint spec; the backbone starts without pretrained weights (the
+    checkpoint's state dict replaces them, and loading must not need the network)."""
+    from hydra.utils import instantiate
+
+    backbone_cfg = {**spec["backbone"], "weights": None, "weights_path": None}
+    return DeepLabV2(instantiate(backbone_cfg), spec["num_classes"], spec["rates"])
+
+
+def save_segmenter(path: str | os.PathLike, net: DeepLabV2, spec: Mapping[str, Any]) -> None:
+    """A self-describing checkpoint: the weights plus everything needed to rebuild the net and
+    preprocess an image (backbone config, classes, normalisation, MSC scales)."""
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"segmenter spec lacks {missing}")
+    payload = {"format": SEGMENTER_FORMAT, "spec": dict(spec), "state_dict": net.state_dict()}
+    atomic_torch_save(path, payload)
+
+
+def load_segmenter(path: str | os.PathLike) -> tuple[DeepLabV2, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"segmenter checkpoint {path} not found: point at round_<t>/train_segmenter/"
+            "segmenter.pt of a finished run"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file, pickled objects
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != SEGMENTER_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a segmenter checkpoint (format {SEGMENTER_FORMAT!r}); use the "
+            "segmenter.pt written by the train_segmenter stage, not a Lightning .ckpt or a CAM/"
+            "affinity weight file"
+        )
+    spec = payload["spec"]
+    net = build_deeplab(spec)
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the model it describes ({err})") from err
+    return net.eval(), spec

@@ -24,10 +24,12 @@ def sgd_param_groups(
     return [g for g in groups if g["params"]]
 
 
-def poly_lambda(total_steps: int, power: float) -> Callable[[int], float]:
-    """lr multiplier (1 - step/total)^power, recomputed every step (IRNet's PolyOptimizer)."""
+def poly_lambda(total_steps: int, power: float, every: int = 1) -> Callable[[int], float]:
+    """lr multiplier (1 - step/total)^power, recomputed every `every` steps (IRNet: every step;
+    deeplab-pytorch: every 10, the lr held in between)."""
 
     def factor(step: int) -> float:
+        step -= step % every
         return max(0.0, 1.0 - step / total_steps) ** power
 
     return factor
@@ -39,10 +41,20 @@ def effective_momentum(momentum: float, irnet_momentum_quirk: bool) -> float:
     return 1e-4 if irnet_momentum_quirk else momentum
 
 
-def poly_sgd(groups: list[dict], *, lr: float, momentum: float, total_steps: int, power: float):
-    """SGD with a per-step poly schedule, as a Lightning `configure_optimizers` return value."""
+def poly_sgd(
+    groups: list[dict],
+    *,
+    lr: float,
+    momentum: float,
+    total_steps: int,
+    power: float,
+    every: int = 1,
+):
+    """SGD with a poly schedule stepped per batch, as a Lightning `configure_optimizers` value."""
+    if every < 1:
+        raise ValueError(f"poly lr update interval must be >= 1, got {every}")
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lambda(max(1, total_steps), power)
+        optimizer, poly_lambda(max(1, total_steps), power, every)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -17,6 +17,10 @@ from src.utils.io import atomic_write_json
 DONE_FILE = "DONE.json"
 
 
+class MissingArtifactError(FileNotFoundError):
+    """A stage's input artifact is missing or does not fit (another data set, split, size)."""
+
+
 @dataclass(frozen=True)
 class StageDir:
     """The folder of one stage of one round, and its completion marker."""
@@ -42,13 +46,22 @@ class StageDir:
         done = self.read_done()
         return done is not None and done.get("config_hash") == config_hash
 
-    def mark_done(self, config_hash: str, *, metrics: dict, seconds: float, artifacts: list[str]):
+    def mark_done(
+        self,
+        config_hash: str,
+        *,
+        metrics: dict,
+        seconds: float,
+        artifacts: list[str],
+        config: dict | None = None,
+    ):
         atomic_write_json(
             self.done_file,
             {
                 "stage": self.stage,
                 "round": self.round,
                 "config_hash": config_hash,
+                "config": config or {},
                 "metrics": metrics,
                 "seconds": round(seconds, 2),
                 "artifacts": sorted(artifacts),

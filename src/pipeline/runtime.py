@@ -34,10 +34,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def picked_config(cfg: DictConfig, keys: list[str]) -> dict:
+    """The resolved config subtrees a stage depends on."""
+    return {k: _resolved(OmegaConf.select(cfg, k)) for k in keys}
+
+
 def config_hash(cfg: DictConfig, keys: list[str], upstream: list[str]) -> str:
     """Hash of the resolved config subtrees a stage depends on, chained with its inputs' hashes."""
-    picked = {k: _resolved(OmegaConf.select(cfg, k)) for k in keys}
-    blob = json.dumps({"cfg": picked, "upstream": upstream}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"cfg": picked_config(cfg, keys), "upstream": upstream}, sort_keys=True, default=str
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

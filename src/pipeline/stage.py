@@ -21,6 +21,9 @@ class StageContext:
     inputs: dict[str, Path]
     seed: int
     loggers: list[Logger] = field(default_factory=list)
+    # Folders of the previous round's stages this one reads (CONTA: its confounders); empty in
+    # round 0, the plain baseline.
+    previous: dict[str, Path] = field(default_factory=dict)
 
     def checkpoint_to_resume(self) -> str | None:
         """Lightning's last.ckpt of an interrupted attempt at this same stage config, if any."""
@@ -44,4 +47,12 @@ class Stage:
     run: Callable[[StageContext], StageResult]
     config_keys: tuple[str, ...]  # config subtrees whose values change this stage's output
     inputs: tuple[str, ...] = ()  # stages of the same round whose artifacts it reads
+    optional_inputs: tuple[str, ...] = ()  # read when they are in `stages` (e.g. pseudo-masks)
+    # From round 1 on (CONTA): stages of the previous round it reads, and config keys that only
+    # matter then (so round 0 stays shared between CONTA variants).
+    previous_inputs: tuple[str, ...] = ()
+    round_keys: tuple[str, ...] = ()
     rank_zero_only: bool = False  # numpy-only steps: rank 0 works, the others wait
+
+    def present_inputs(self, stages: list[str]) -> tuple[str, ...]:
+        return self.inputs + tuple(i for i in self.optional_inputs if i in stages)

@@ -72,8 +72,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
         raise TypeError(
             f"image must be uint8 RGB (the bilateral kernel uses raw colours), got {image.dtype}"
         )
-    # pydensecrf reads the buffer directly: it must be C-contiguous.
-    return np.ascontiguousarray(image)
+    # pydensecrf takes a writable C-contiguous buffer (read_rgb's PIL-backed array is read-only).
+    return np.require(image, np.uint8, ["C", "W"])
 
 
 def _inference(

@@ -134,3 +134,16 @@ def test_extra_dtypes_are_made_resamplable():
     assert out["ir_label"].dtype == torch.long and out["m"].dtype == torch.float32
     with pytest.raises(ValueError, match="'ir_label' must hold ids in 0..255"):
         t(image=_image(4, 4), mask=None, ir_label=np.full((4, 4), 300))
+
+
+def test_scale_choices_draw_one_of_the_listed_factors():
+    t = train_transform(400, scale_choices=[0.5, 1.5], hflip=False, seed=0)
+    seen = set()
+    for _ in range(20):
+        out = t(image=_image(100, 80), mask=np.zeros((100, 80), np.uint8))
+        # Pad value 255 marks what lies outside the rescaled image inside the 400 crop.
+        inside = out["mask"] != 255
+        seen.add((int(inside.any(1).sum()), int(inside.any(0).sum())))
+    assert seen == {(50, 40), (150, 120)}
+    with pytest.raises(ValueError, match="not both"):
+        train_transform(64, resize_long=(32, 64), scale_choices=[1.0])

@@ -1,6 +1,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,3 +150,57 @@ def test_validation_metric_and_predict_masks():
     assert items[0]["mask"].shape == (65, 65) and items[1]["mask"].shape == (60, 50)
     assert all(it["mask"].dtype == np.uint8 for it in items)
     assert all(it["mask"].max() < NUM_CLASSES for it in items)
+
+
+def test_predict_logits_cover_each_image_at_stride_8():
+    module = SegmenterModule(tiny_deeplab(), NUM_CLASSES).eval()
+    module.predict_logits = True
+    batch = {"image": torch.randn(2, 3, 64, 64), "id": ["a", "b"], "size": [(64, 64), (40, 57)]}
+    with torch.no_grad():
+        a, b = module.predict_step(batch, 0)
+    assert a["logits"].shape == (NUM_CLASSES, 8, 8) and b["logits"].shape == (NUM_CLASSES, 5, 8)
+    # The mask is the argmax of the same logits, upsampled.
+    up = F.interpolate(torch.from_numpy(a["logits"])[None], size=(64, 64), mode="bilinear")
+    assert (up[0].argmax(0).numpy() == a["mask"]).mean() > 0.99
+
+
+def test_poly_lr_is_held_between_updates():
+    from src.models.optim import poly_lambda
+
+    factor = poly_lambda(100, 0.9, every=10)
+    assert factor(0) == factor(9) == 1.0
+    assert factor(10) == factor(19) == pytest.approx(0.9**0.9)
+    assert poly_lambda(100, 0.9)(5) == pytest.approx(0.95**0.9)
+
+
+def test_segmenter_checkpoint_round_trip_and_bad_files(tmp_path):
+    from src.models.deeplab import CheckpointError, load_segmenter, save_segmenter
+
+    net = tiny_deeplab().eval()
+    spec = {
+        "backbone": {
+            "_target_": "src.models.backbone.ResNetBackbone",
+            "arch": "resnet_tiny",
+            "strides": [2, 2, 1, 1],
+            "dilations": [1, 1, 2, 4],
+            "norm": "train",
+            "frozen_stages": 0,
+        },
+        "num_classes": NUM_CLASSES,
+        "class_names": ["bg", "a", "b"][:NUM_CLASSES],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "scales": [1.0],
+        "rates": [6, 12, 18, 24],
+    }
+    save_segmenter(tmp_path / "s.pt", net, spec)
+    loaded, got = load_segmenter(tmp_path / "s.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+    assert got["num_classes"] == NUM_CLASSES
+    with pytest.raises(CheckpointError, match="not found"):
+        load_segmenter(tmp_path / "missing.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a segmenter checkpoint"):
+        load_segmenter(tmp_path / "other.pt")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,41 +11,12 @@ import pytest
 from omegaconf import open_dict
 
 from src.pipeline import driver
-from src.pipeline.artifacts import StageDir
-from src.pipeline.stage import Stage
+from src.pipeline.artifacts import MissingArtifactError, StageDir
 from src.pipeline.stages import STAGES
-from src.pipeline.stages.cam import MissingArtifactError
 from src.train import train
+from tests.pipeline.conftest import ROUND0, copy_run
 
-ALL = [
-    "train_cam",
-    "make_cams",
-    "eval_cams",
-    "make_ir_labels",
-    "train_affinity",
-    "make_pseudo_masks",
-    "eval_pseudo",
-]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """One complete tiny synth_irnet run; tests copy it before changing anything."""
-    from tests.conftest import FAST_AFFINITY, FAST_CAM, TINY_SYNTH, compose_cfg
-
-    tmp = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(["experiment=synth_irnet", *TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY], tmp)
-    results = train(cfg)
-    return cfg, results
-
-
-def copy_run(finished_run, tmp_path):
-    cfg, _ = finished_run
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(tmp_path / "run")
-    shutil.copytree(finished_run[0].paths.run_dir, cfg.paths.run_dir)
-    return cfg
+ALL = ROUND0
 
 
 def done_seconds(run_dir) -> dict[str, float]:
@@ -86,13 +57,7 @@ def test_rerun_skips_finished_stages(finished_run, tmp_path, monkeypatch):
         monkeypatch.setitem(
             STAGES,
             name,
-            Stage(
-                name,
-                boom,
-                STAGES[name].config_keys,
-                STAGES[name].inputs,
-                STAGES[name].rank_zero_only,
-            ),
+            dataclasses.replace(STAGES[name], run=boom),
         )
     results = train(cfg)
     assert results["rounds"]["0"]["cam_miou"] == finished_run[1]["rounds"]["0"]["cam_miou"]
@@ -103,11 +68,12 @@ def test_changed_setting_redoes_only_the_stages_it_affects(finished_run, tmp_pat
     before = done_seconds(cfg.paths.run_dir)
     marks = {s: StageDir(Path(cfg.paths.run_dir), 0, s).done_file.stat().st_mtime_ns for s in ALL}
     with open_dict(cfg):
-        cfg.affinity.module.bg_threshold = 0.35  # random-walk labelling: make_pseudo_masks onwards
+        cfg.round = 0
+        cfg.segmenter.crf.iterations = 5  # CRF post-processing: only its own stage
     train(cfg)
     after = {s: StageDir(Path(cfg.paths.run_dir), 0, s).done_file.stat().st_mtime_ns for s in ALL}
     redone = {s for s in ALL if after[s] != marks[s]}
-    assert redone == {"make_pseudo_masks", "eval_pseudo"}
+    assert redone == {"crf_segmenter"}
     assert before.keys() == after.keys()
 
 

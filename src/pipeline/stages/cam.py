@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,21 +18,35 @@ from src.datamodules.datamodule import collate_same_size
 from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
-from src.pipeline.runtime import build_trainer, log_figure
+from src.pipeline.artifacts import MissingArtifactError
+from src.pipeline.runtime import build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
+from src.pipeline.stages.context import (
+    FRAME_TARGETS,
+    context_figure,
+    context_wrapper,
+    previous_confounders,
+)
 from src.utils.io import atomic_torch_save
+
+if TYPE_CHECKING:
+    from src.models.context import Confounders
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "cam_net.pt"
 CAM_DIR = "cams"
 
 
-class MissingArtifactError(FileNotFoundError):
-    pass
-
-
-def build_cam_classifier(cfg: DictConfig) -> CAMClassifier:
-    net = CAMNet(instantiate(cfg.backbone), num_classes=cfg.data.num_classes - 1)
+def build_cam_classifier(cfg: DictConfig, confounders: Confounders | None = None) -> CAMClassifier:
+    """IRNet's classifier; with the previous round's confounders, CONTA's (context module M)."""
+    context = None if confounders is None else confounders.context_module(cfg.conta.proj_dim)
+    net = CAMNet(
+        instantiate(cfg.backbone),
+        num_classes=cfg.data.num_classes - 1,
+        context=context,
+        inject_at=cfg.conta.inject_at,
+        post_concat_conv=cfg.conta.post_concat_conv,
+    )
     return CAMClassifier(
         net, **cfg.cam.optimizer, scales=list(cfg.cam.inference.scales), flip=cfg.cam.inference.flip
     )
@@ -39,6 +54,15 @@ def build_cam_classifier(cfg: DictConfig) -> CAMClassifier:
 
 def train_cam(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
+    confounders = previous_confounders(ctx)
+    conta = {}
+    if confounders is not None:
+        # M follows every crop/scale/flip through the frame map; m is per image (not augmented).
+        conta = {
+            "extra_train_targets": FRAME_TARGETS,
+            "extra_eval_targets": FRAME_TARGETS,
+            "wrap": context_wrapper(confounders),
+        }
     datamodule = WSSSDataModule(
         cfg.data,
         train_split=cfg.data.train_split,
@@ -48,8 +72,13 @@ def train_cam(ctx: StageContext) -> StageResult:
         crop_size=cfg.cam.crop_size,
         scale_range=cfg.cam.scale_range,
         resize_long=cfg.cam.resize_long,
+        **conta,
     )
-    module = build_cam_classifier(cfg)
+    module = build_cam_classifier(cfg, confounders)
+    if confounders is not None and cfg.conta.init == "finetune":
+        _load_previous_weights(module, ctx.previous["train_cam"] / WEIGHTS_FILE)
+    elif cfg.conta.init not in ("reinit", "finetune"):
+        raise ValueError(f"conta.init={cfg.conta.init!r}: use reinit|finetune")
     trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=cfg.cam.max_epochs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume())
     if trainer.is_global_zero:
@@ -59,13 +88,27 @@ def train_cam(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
 
 
-def load_cam_classifier(cfg: DictConfig, train_dir: Path) -> CAMClassifier:
+def _load_previous_weights(module: CAMClassifier, weights: Path) -> None:
+    """conta.init=finetune: start from round t-1's classifier; tensors whose shape changed with
+    the context injection (the class conv, a widened stage input) keep their fresh init."""
+    if not weights.is_file():
+        raise MissingArtifactError(f"{weights} missing: conta.init=finetune needs round t-1's")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    own = module.net.state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.net.load_state_dict(kept, strict=False)
+    log.info("finetune: %d of %d tensors from %s", len(kept), len(own), weights)
+
+
+def load_cam_classifier(
+    cfg: DictConfig, train_dir: Path, confounders: Confounders | None = None
+) -> CAMClassifier:
     weights = train_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise MissingArtifactError(
             f"{weights} is missing: re-run the train_cam stage of this round"
         )
-    module = build_cam_classifier(cfg)
+    module = build_cam_classifier(cfg, confounders)
     module.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return module
 
@@ -73,11 +116,20 @@ def load_cam_classifier(cfg: DictConfig, train_dir: Path) -> CAMClassifier:
 def make_cams(ctx: StageContext) -> StageResult:
     """Multi-scale + flip CAMs for every training image, one .npz per image (resumable)."""
     cfg = ctx.cfg
-    module = load_cam_classifier(cfg, ctx.inputs["train_cam"])
+    confounders = previous_confounders(ctx)
+    module = load_cam_classifier(cfg, ctx.inputs["train_cam"], confounders)
     out_dir = ctx.dir / CAM_DIR
+    extras = {} if confounders is None else FRAME_TARGETS
     dataset = build_dataset(
-        cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
+        cfg.data,
+        cfg.data.train_split,
+        eval_transform(cfg.data.mean, cfg.data.std, {k: e.kind for k, e in extras.items()}),
+        extras={k: e.load for k, e in extras.items()},
     )
+    if confounders is not None:
+        dataset = context_wrapper(confounders)(dataset)
+        if is_global_zero():
+            context_figure(module, dataset, confounders, ctx)
     todo = [
         i for i, image_id in enumerate(dataset.ids) if not (out_dir / f"{image_id}.npz").is_file()
     ]

@@ -19,9 +19,10 @@ from src.datamodules.validation import read_rgb
 from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
 from src.models.affinity import AffinityModule, AffinityNet
+from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE, MissingArtifactError, load_cam
+from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE, load_cam
 from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
 from src.utils.io import atomic_torch_save
 
@@ -38,7 +39,7 @@ def _missing(out_dir: Path, ids: list[str], suffix: str) -> list[int]:
 # -- IR labels ----------------------------------------------------------------------------------
 def _ir_label_job(job: tuple, *, fg: float, bg: float, crf: CRFParams, out_dir: Path) -> None:
     image_id, image_path, cam_dir = job
-    image = read_rgb(image_path).copy()  # the dataset's reader; writable for pydensecrf
+    image = read_rgb(image_path)  # the dataset's reader (clear decode errors)
     cam = load_cam(cam_dir, image_id)
     high_res = cam["high_res"].astype(np.float32)
     if not np.isfinite(high_res).all():
@@ -102,7 +103,17 @@ def build_affinity_module(cfg: DictConfig, cam_train_dir: Path | None) -> Affini
                 f"affinity.backbone_init=cam needs {cam_train_dir}/{WEIGHTS_FILE}: run train_cam"
             )
         state = torch.load(cam_train_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+        own = backbone.state_dict()
+        weights = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
+        # A CONTA classifier injecting M into a stage input has one extra (last) input channel
+        # there; the affinity net sees no M, so that channel is dropped.
+        weights = {
+            k: v[:, : own[k].shape[1]]
+            if k in own and v.ndim == 4 and v.shape != own[k].shape
+            else v
+            for k, v in weights.items()
+        }
+        backbone.load_state_dict(weights)
     elif cfg.affinity.backbone_init != "pretrained":
         raise ValueError(
             f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam"
@@ -111,11 +122,13 @@ def build_affinity_module(cfg: DictConfig, cam_train_dir: Path | None) -> Affini
     return AffinityModule(net, num_classes=cfg.data.num_classes, **cfg.affinity.module)
 
 
-def _ir_label_loader(ir_dir: Path):
+def label_png_loader(folder: Path, producer: str):
+    """An `extras` loader reading `folder/{id}.png` (label maps written by the `producer` stage)."""
+
     def load(image_id: str, size: tuple[int, int]) -> np.ndarray:
-        path = ir_dir / f"{image_id}.png"
+        path = folder / f"{image_id}.png"
         if not path.is_file():
-            raise MissingArtifactError(f"IR label {path} missing: re-run make_ir_labels")
+            raise MissingArtifactError(f"{path} missing: re-run {producer} (force=[{producer}])")
         return read_label_png(path)
 
     return load
@@ -131,7 +144,8 @@ def train_affinity(ctx: StageContext) -> StageResult:
         std=cfg.data.std,
         extra_targets={"ir_label": "label"},
     )
-    extras = {"ir_label": _ir_label_loader(ctx.inputs["make_ir_labels"] / IR_LABEL_DIR)}
+    ir_dir = ctx.inputs["make_ir_labels"] / IR_LABEL_DIR
+    extras = {"ir_label": label_png_loader(ir_dir, "make_ir_labels")}
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
     loader = DataLoader(
         dataset,

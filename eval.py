@@ -1,0 +1,21 @@
+"""Re-evaluate a finished run without retraining:
+`python eval.py experiment=synth_conta [seed=0] [round=1] [split=val] [crf=true]`."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from src.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""`evaluate(cfg)`: re-score a finished run's stage outputs without retraining (behind eval.py).
+
+The run is the one `python train.py <same overrides>` wrote (run_dir from experiment and seed).
+For round `round` it re-runs the evaluation stages on the saved artifacts: CAMs and pseudo-masks
+on `split` (default: data.eval_split, the run's), the segmenter on `split` (default:
+data.val_split; another split is predicted first with the round's trained weights) and, with
+`crf=true`, its CRF refinement (the run's CRF masks are reused when they cover the split).
+Results go to run_dir/eval/round_{t}_{split}/ (results.json, results.md, figures); the run's own
+files are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from src.evaluation.report import load_results, print_results, update_results
+from src.pipeline.artifacts import MissingArtifactError, StageDir
+from src.pipeline.stage import StageContext
+from src.pipeline.stages import STAGES
+
+log = logging.getLogger(__name__)
+# Evaluation stage -> the results prefix it writes.
+_SCORED = {"eval_cams": "cam", "eval_pseudo": "pseudo", "eval_segmenter": "seg"}
+
+
+class EvaluationError(RuntimeError):
+    pass
+
+
+def _finished(run_dir: Path, round_idx: int, stage: str) -> Path:
+    sdir = StageDir(run_dir, round_idx, stage)
+    if sdir.read_done() is None:
+        raise MissingArtifactError(
+            f"round {round_idx}: stage {stage} of {run_dir} has not finished ({sdir.done_file} "
+            f"missing). Run `python train.py` with the same overrides (round={round_idx}) first."
+        )
+    return sdir.path
+
+
+def _context(cfg, run_dir, round_idx, name, out_dir, inputs=None, previous=None) -> StageContext:
+    stage = STAGES[name]
+    if inputs is None:
+        present = stage.present_inputs(list(cfg.stages))
+        inputs = {i: _finished(run_dir, round_idx, i) for i in present}
+    if previous is None and round_idx > 0:
+        previous = {i: _finished(run_dir, round_idx - 1, i) for i in stage.previous_inputs}
+    return StageContext(
+        cfg=cfg,
+        round=round_idx,
+        name=name,
+        dir=out_dir / name,
+        inputs=inputs,
+        seed=cfg.seed,
+        previous=previous or {},
+    )
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Reuse finished per-image files without copying their bytes (hard links)."""
+    if src.is_dir() and not dst.exists():
+        shutil.copytree(src, dst, copy_function=os.link)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Re-score round `cfg.round` of the run; returns {prefix: results} and prints a table."""
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    if not (run_dir / "results.json").is_file():
+        raise EvaluationError(
+            f"{run_dir} holds no finished run (no results.json): pass the same experiment=/seed= "
+            "as the training run, or run train.py first"
+        )
+    round_idx = int(cfg.round)
+    run_val_split, run_eval_split = cfg.data.val_split, cfg.data.eval_split
+    split = cfg.get("split") or None
+    with open_dict(cfg):
+        if split is not None:
+            cfg.data.eval_split = split
+            cfg.data.val_split = split
+    tag = split or "default"
+    out_dir = run_dir / "eval" / f"round_{round_idx}_{tag}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    scored: dict[str, dict] = {}
+    for name, prefix in _SCORED.items():
+        if name not in cfg.stages:
+            continue
+        if name == "eval_segmenter":
+            pred_dir = _segmenter_predictions(cfg, run_dir, round_idx, out_dir, run_val_split)
+            ctx = _context(cfg, run_dir, round_idx, name, out_dir, {"predict_segmenter": pred_dir})
+        else:
+            if split is not None and split != run_eval_split:
+                log.info("%s on %s: the run scored %s", name, split, run_eval_split)
+            ctx = _context(cfg, run_dir, round_idx, name, out_dir)
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        scored[prefix] = STAGES[name].run(ctx).results
+    if cfg.crf and "eval_segmenter" in cfg.stages:
+        scored["seg_crf"] = _crf_scores(cfg, run_dir, round_idx, out_dir, run_val_split)
+    if not scored:
+        raise EvaluationError(f"stages={list(cfg.stages)} has no evaluation stage to re-run")
+
+    for prefix, results in scored.items():
+        update_results(out_dir, round_idx, prefix, results, experiment=cfg.experiment_name)
+    results = load_results(out_dir)
+    print_results(results)
+    _compare_with_run(run_dir, round_idx, scored, split)
+    return scored
+
+
+def _segmenter_predictions(cfg, run_dir: Path, round_idx: int, out_dir: Path, run_split: str):
+    """The run's val predictions, or (another split) fresh ones from the round's weights."""
+    if cfg.data.val_split == run_split:
+        return _finished(run_dir, round_idx, "predict_segmenter")
+    ctx = _context(cfg, run_dir, round_idx, "predict_segmenter", out_dir)
+    STAGES["predict_segmenter"].run(ctx)
+    return ctx.dir
+
+
+def _crf_scores(cfg, run_dir: Path, round_idx: int, out_dir: Path, run_split: str) -> dict:
+    pred_dir = out_dir / "predict_segmenter"
+    if cfg.data.val_split == run_split:
+        pred_dir = _finished(run_dir, round_idx, "predict_segmenter")
+        run_crf = StageDir(run_dir, round_idx, "crf_segmenter")
+        if run_crf.read_done() is not None:
+            _link_tree(run_crf.path / "masks", out_dir / "crf_segmenter" / "masks")
+    ctx = _context(
+        cfg, run_dir, round_idx, "crf_segmenter", out_dir, {"predict_segmenter": pred_dir}
+    )
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    return STAGES["crf_segmenter"].run(ctx).results
+
+
+def _compare_with_run(run_dir: Path, round_idx: int, scored: dict, split: str | None) -> None:
+    """Log the run's own numbers next to the re-evaluated ones (on the run's own splits)."""
+    if split is not None:
+        return
+    row = load_results(run_dir)["rounds"].get(str(round_idx), {})
+    for prefix, results in scored.items():
+        before = row.get(f"{prefix}_miou")
+        if before is not None:
+            log.info(
+                "%s mIoU: run %.2f, re-evaluated %.2f (difference %+.4f)",
+                prefix,
+                100 * before,
+                100 * results["miou"],
+                100 * (results["miou"] - before),
+            )

@@ -1,0 +1,76 @@
+"""CONTA step 4, the `confounders` stage: the round's segmenter predicts every training image and
+ConfounderUpdate turns that into C, P(c) and each image's m for the next round's classifier."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from src.callbacks.confounder_update import ConfounderUpdate
+from src.datamodules import build_dataset
+from src.evaluation.figures import overlay_grid
+from src.models.context import Confounders
+from src.pipeline.runtime import build_trainer, log_figure
+from src.pipeline.stage import StageContext, StageResult
+from src.pipeline.stages.segmenter import full_image_loader, load_trained_segmenter
+
+log = logging.getLogger(__name__)
+
+
+def make_confounders(ctx: StageContext) -> StageResult:
+    """C = class-wise average of the round's segmentation masks over the training images that
+    contain each class (full-image frame, resized to conta.size), P(c), and every image's m."""
+    cfg = ctx.cfg
+    module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
+    train_set = build_dataset(cfg.data, cfg.data.train_split)
+    class_names = list(train_set.class_names)[1:]
+    # The val images get an m too (the classifier's validation reads it) but do not shape C.
+    splits = dict.fromkeys([cfg.data.train_split, cfg.data.val_split])
+    loader = full_image_loader(cfg, list(splits))
+    callback = ConfounderUpdate(
+        ctx.dir,
+        size=tuple(cfg.conta.size),
+        num_classes=cfg.data.num_classes - 1,
+        class_names=class_names,
+        dataset_name=cfg.data.name,
+        encoding=cfg.conta.mask_encoding,
+        prior=cfg.conta.prior,
+        center_ids=train_set.ids,
+    )
+    trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[callback])
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    if not trainer.is_global_zero:
+        return StageResult(metrics={}, artifacts=[])
+    confounders = Confounders.load(
+        ctx.dir,
+        expected_dataset=cfg.data.name,
+        expected_num_classes=cfg.data.num_classes - 1,
+    )
+    figure = _confounder_figure(confounders, ctx)
+    log_figure(ctx.loggers, "conta/confounders", figure)
+    metrics = {
+        "images": len(confounders.ids),
+        "counts": dict(zip(class_names, confounders.counts.tolist(), strict=True)),
+        "prior": dict(zip(class_names, confounders.prior.tolist(), strict=True)),
+        "mean_mask": float(confounders.masks.mean()),
+    }
+    return StageResult(metrics=metrics, artifacts=["confounders.npz", figure.name])
+
+
+def _confounder_figure(confounders: Confounders, ctx: StageContext):
+    """One panel per class: c_i, the average mask of the class (a spatial prior)."""
+    h, w = confounders.size
+    panels = {
+        f"{name} ({count})": center
+        for name, center, count in zip(
+            confounders.class_names, confounders.centers, confounders.counts, strict=True
+        )
+    }
+    row = {"image": np.full((h, w, 3), 255, np.uint8), **panels}
+    return overlay_grid(
+        [row],
+        ["background", *confounders.class_names],
+        ctx.dir / "confounders.png",
+        title=f"round {ctx.round}: confounder set C (class: training images containing it)",
+    )

@@ -1,0 +1,228 @@
+"""Segmenter stages (CONTA `segmentation/` = deeplab-pytorch): train_segmenter -> predict_segmenter
+-> eval_segmenter, and crf_segmenter (dense CRF on the saved logits, then scored)."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+from src.callbacks.prediction_writer import SegmentationWriter
+from src.datamodules import build_dataset, eval_transform, train_transform
+from src.datamodules.datamodule import collate_same_size
+from src.datamodules.palette import save_label_png
+from src.datamodules.validation import read_rgb
+from src.models.deeplab import DeepLabV2, SegmenterModule, load_segmenter, save_segmenter
+from src.pipeline.artifacts import MissingArtifactError
+from src.pipeline.runtime import build_trainer, log_figure
+from src.pipeline.stage import StageContext, StageResult
+from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
+from src.postprocess.crf import CRFParams, crf_probs, run_parallel
+
+log = logging.getLogger(__name__)
+SEGMENTER_WEIGHTS = "segmenter.pt"
+LOGITS_DIR = "logits"
+LABEL_SOURCES = ("pseudo", "gt")
+
+
+def segmenter_spec(cfg: DictConfig, class_names: list[str]) -> dict:
+    """What a checkpoint needs to rebuild the net and preprocess images (see save_segmenter)."""
+    seg = cfg.segmenter
+    return {
+        "backbone": OmegaConf.to_container(seg.backbone, resolve=True),
+        "num_classes": int(cfg.data.num_classes),
+        "class_names": list(class_names),
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "scales": list(seg.module.scales),
+        "rates": list(seg.rates),
+    }
+
+
+def build_segmenter(
+    cfg: DictConfig, label_key: str = "mask", net: DeepLabV2 | None = None
+) -> SegmenterModule:
+    """The Lightning module around `net` (default: a fresh DeepLabV2 from cfg.segmenter)."""
+    seg = cfg.segmenter
+    if net is None:
+        net = DeepLabV2(instantiate(seg.backbone), cfg.data.num_classes, list(seg.rates))
+    module_kwargs = OmegaConf.to_container(seg.module, resolve=True)
+    return SegmenterModule(net, cfg.data.num_classes, label_key=label_key, **module_kwargs)
+
+
+def _training_labels(ctx: StageContext) -> tuple[str, dict]:
+    """(label key, dataset extras): this round's pseudo-masks, or the ground truth."""
+    labels = ctx.cfg.segmenter.labels
+    if labels not in LABEL_SOURCES:
+        raise ValueError(f"segmenter.labels={labels!r}: use one of {LABEL_SOURCES}")
+    if labels == "gt":
+        return "mask", {}
+    if "make_pseudo_masks" not in ctx.inputs:
+        raise MissingArtifactError(
+            "segmenter.labels=pseudo trains on pseudo-masks, but make_pseudo_masks is not in "
+            f"`stages` ({list(ctx.cfg.stages)}). Add the IRNet stages or set segmenter.labels=gt."
+        )
+    folder = ctx.inputs["make_pseudo_masks"] / MASK_DIR
+    return "pseudo_mask", {"pseudo_mask": label_png_loader(folder, "make_pseudo_masks")}
+
+
+def full_image_loader(cfg: DictConfig, splits: str | list[str], indices: list[int] | None = None):
+    """Full images (no geometry) of one split, or several in order, for MSC prediction."""
+    transform = eval_transform(cfg.data.mean, cfg.data.std)
+    names = [splits] if isinstance(splits, str) else splits
+    parts = [build_dataset(cfg.data, split, transform) for split in names]
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return DataLoader(
+        dataset if indices is None else Subset(dataset, indices),
+        batch_size=cfg.segmenter.inference.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_same_size,
+    )
+
+
+def train_segmenter(ctx: StageContext) -> StageResult:
+    """DeepLab-v2 on this round's pseudo-masks (or the ground truth), validated on val GT."""
+    cfg, seg = ctx.cfg, ctx.cfg.segmenter
+    label_key, extras = _training_labels(ctx)
+    transform = train_transform(
+        seg.crop_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        scale_choices=list(seg.scale_choices),
+        extra_targets={k: "label" for k in extras},
+    )
+    dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
+    train_loader = DataLoader(
+        dataset,
+        batch_size=seg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    module = build_segmenter(cfg, label_key)
+    trainer = build_trainer(
+        cfg,
+        ctx.dir,
+        ctx.loggers,
+        training=True,
+        max_steps=seg.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=seg.accumulate_grad_batches,
+        check_val_every_n_epoch=seg.val_every_n_epochs,
+    )
+    trainer.fit(
+        module,
+        train_dataloaders=train_loader,
+        val_dataloaders=full_image_loader(cfg, cfg.data.val_split),
+        ckpt_path=ctx.checkpoint_to_resume(),
+    )
+    if trainer.is_global_zero:
+        spec = segmenter_spec(cfg, list(dataset.class_names))
+        save_segmenter(ctx.dir / SEGMENTER_WEIGHTS, module.net, spec)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["labels"] = seg.labels
+    return StageResult(metrics=metrics, artifacts=[SEGMENTER_WEIGHTS])
+
+
+def load_trained_segmenter(cfg: DictConfig, train_dir: Path) -> SegmenterModule:
+    net, spec = load_segmenter(train_dir / SEGMENTER_WEIGHTS)
+    if spec["num_classes"] != cfg.data.num_classes:
+        raise MissingArtifactError(
+            f"{train_dir / SEGMENTER_WEIGHTS} predicts {spec['num_classes']} classes but "
+            f"data.num_classes={cfg.data.num_classes}: it belongs to another data set"
+        )
+    return build_segmenter(cfg, net=net)  # no fresh backbone (and no weight download)
+
+
+def _missing_ids(folder: Path, ids: list[str], suffix: str) -> list[int]:
+    return [i for i, image_id in enumerate(ids) if not (folder / f"{image_id}{suffix}").is_file()]
+
+
+def predict_segmenter(ctx: StageContext) -> StageResult:
+    """MSC predictions on the val split: label PNGs + stride-8 logits for the CRF (resumable)."""
+    cfg = ctx.cfg
+    split = cfg.data.val_split
+    module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
+    module.predict_logits = True
+    ids = build_dataset(cfg.data, split).ids
+    mask_dir, logits_dir = ctx.dir / MASK_DIR, ctx.dir / LOGITS_DIR
+    todo = _missing_ids(mask_dir, ids, ".png")
+    log.info("predict_segmenter: %d of %d %s images", len(todo), len(ids), split)
+    if todo:
+        writer = SegmentationWriter(mask_dir, logits_dir, cfg.segmenter.inference.logits_dtype)
+        trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
+        trainer.predict(
+            module, dataloaders=full_image_loader(cfg, split, todo), return_predictions=False
+        )
+    return StageResult(
+        metrics={"images": len(ids), "split": split}, artifacts=[MASK_DIR, LOGITS_DIR]
+    )
+
+
+def _score(ctx: StageContext, folder: Path, name: str, prefix: str, title: str) -> StageResult:
+    cfg = ctx.cfg
+    scores, figure = evaluate_label_dirs(
+        cfg, cfg.data.val_split, {name: folder}, ctx.dir / f"{prefix}.png", title=title
+    )
+    log_figure(ctx.loggers, f"{prefix}/overlays", figure)
+    s = scores[name]
+    results = {
+        "miou": s["miou"],
+        "errors": s["errors"],
+        "per_class_iou": s["per_class_iou"],
+        "split": cfg.data.val_split,
+        **({"context_leakage": s["context_leakage"]} if "context_leakage" in s else {}),
+    }
+    return StageResult(metrics=results, artifacts=[figure.name], results=results, prefix=prefix)
+
+
+def eval_segmenter(ctx: StageContext) -> StageResult:
+    folder = ctx.inputs["predict_segmenter"] / MASK_DIR
+    title = f"round {ctx.round}: segmenter on {ctx.cfg.data.val_split}"
+    return _score(ctx, folder, "segmenter", "seg", title)
+
+
+def _crf_job(job: tuple, *, params: CRFParams, out_dir: Path) -> None:
+    image_id, image_path, logits_path = job
+    image = read_rgb(image_path)
+    if not logits_path.is_file():
+        raise MissingArtifactError(f"{logits_path} missing: re-run predict_segmenter")
+    with np.load(logits_path) as z:
+        logits = torch.from_numpy(z["logits"].astype(np.float32))
+    h, w = image.shape[:2]
+    # deeplab-pytorch: bilinear upsampling of the stride-8 logits to the image, then softmax.
+    probs = F.softmax(
+        F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0], dim=0
+    )
+    refined = crf_probs(image, probs.numpy(), params)
+    save_label_png(out_dir / f"{image_id}.png", refined.argmax(axis=0).astype(np.uint8))
+
+
+def crf_segmenter(ctx: StageContext) -> StageResult:
+    """Dense CRF (deeplab-pytorch's parameters) on the saved val logits, over a process pool,
+    then scored like eval_segmenter (the `seg_crf` row)."""
+    cfg = ctx.cfg
+    params = CRFParams(**OmegaConf.to_container(cfg.segmenter.crf, resolve=True))
+    workers = cfg.segmenter.crf_workers
+    dataset = build_dataset(cfg.data, cfg.data.val_split)
+    logits_dir = ctx.inputs["predict_segmenter"] / LOGITS_DIR
+    out_dir = ctx.dir / MASK_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (dataset.ids[i], dataset.image_paths[i], logits_dir / f"{dataset.ids[i]}.npz")
+        for i in _missing_ids(out_dir, dataset.ids, ".png")
+    ]
+    log.info("crf_segmenter: %d of %d images, %d workers", len(jobs), len(dataset), workers)
+    run_parallel(partial(_crf_job, params=params, out_dir=out_dir), jobs, workers)
+    title = f"round {ctx.round}: segmenter + CRF on {cfg.data.val_split}"
+    result = _score(ctx, out_dir, "segmenter + CRF", "seg_crf", title)
+    result.artifacts.append(MASK_DIR)
+    return result
