@@ -3,7 +3,7 @@
 The testable entry point behind ``python predict.py`` (the Hydra shim only calls it)::
 
     python predict.py checkpoint=PATH input=IMAGE_OR_FOLDER output=DIR \
-        [device=auto|cpu|cuda] [crf=false] [overlay=true] [scales=null] [amp=true]
+        [device=auto|cpu|cuda] [crf=false] [overlay=true] [scales=null] [amp=false]
 
 ``checkpoint`` is the ``segmenter.pt`` written by the train_segmenter stage
 (:func:`src.models.deeplab.save_segmenter`); it carries the backbone config, class names,
@@ -24,8 +24,8 @@ timestamped folder.
 
 Inference runs on the whole image: MSC logits (pixel-wise max over the checkpoint's scales),
 upsampled bilinearly to the image size, argmax; ``crf=true`` refines the softmax with the
-deeplab-pytorch dense CRF first. ``device=auto`` picks CUDA when available; on CUDA the net runs
-under bf16 autocast (``amp=false`` keeps fp32).
+deeplab-pytorch dense CRF first. ``device=auto`` picks CUDA when available; ``amp=true``
+runs the net under bf16 autocast there (off by default: no faster on an H100, see README).
 
 Errors and exit status of the CLI:
 
