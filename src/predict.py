@@ -55,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from src.datamodules.palette import IGNORE_INDEX, colorize, save_label_png
+from src.datamodules.transforms import eval_transform
 from src.datamodules.validation import DatasetError, read_rgb
 from src.models.deeplab import CheckpointError, load_segmenter, msc_logits
 from src.utils.io import atomic_write_bytes
@@ -136,11 +137,8 @@ def resolve_device(name: str) -> torch.device:
 
 # -------------------------------------------------------------------------------------- inference
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """HxWx3 uint8 -> (1, 3, H, W) float32 ``(image/255 - mean)/std`` (SegTransform.normalize)."""
-    mean_ = np.asarray(mean, dtype=np.float32) * 255.0
-    std_ = np.asarray(std, dtype=np.float32) * 255.0
-    x = (image.astype(np.float32) - mean_) / std_
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+    """HxWx3 uint8 -> (1, 3, H, W) float32, normalised as the pipeline's eval transform does."""
+    return eval_transform(mean, std)(image=image)["image"][None]
 
 
 def predict_logits(
@@ -176,12 +174,9 @@ def predict_mask(
     logits = predict_logits(net, image, spec, scales, device, amp)
     if not crf:
         return logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
-    from src.postprocess.crf import DEEPLAB_CRF, crf_probs  # pydensecrf only when asked for
+    from src.postprocess.crf import DEEPLAB_CRF, crf_refine_logits  # pydensecrf only if asked
 
-    probs = torch.softmax(logits, dim=0).cpu().numpy()
-    # A writable copy: pydensecrf rejects the read-only arrays np.asarray(PIL image) gives.
-    refined = crf_probs(np.array(image, copy=True), probs, DEEPLAB_CRF)
-    return refined.argmax(axis=0).astype(np.uint8)
+    return crf_refine_logits(image, logits, DEEPLAB_CRF)
 
 
 # ---------------------------------------------------------------------------------------- overlay

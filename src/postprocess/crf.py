@@ -146,6 +146,20 @@ def crf_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = DEEPLAB_
     return _inference(image, unary, probs.shape[0], params)
 
 
+def crf_refine_logits(image: np.ndarray, logits, params: CRFParams = DEEPLAB_CRF) -> np.ndarray:
+    """deeplab-pytorch's post-processing of segmenter logits (C, h, w), a torch tensor at any
+    stride: bilinear upsampling to the image, softmax, :func:`crf_probs`, argmax -> uint8 (H, W)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    size = tuple(np.asarray(image).shape[:2])
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(logits, dim=0).cpu().numpy()
+    return crf_probs(image, probs, params).argmax(axis=0).astype(np.uint8)
+
+
 def make_ir_label(
     image: np.ndarray,
     cams: np.ndarray,

@@ -40,13 +40,9 @@ def make_confounders(ctx: StageContext) -> StageResult:
     )
     trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[callback])
     trainer.predict(module, dataloaders=loader, return_predictions=False)
-    if not trainer.is_global_zero:
+    confounders = callback.result  # built and saved on rank 0 only
+    if confounders is None:
         return StageResult(metrics={}, artifacts=[])
-    confounders = Confounders.load(
-        ctx.dir,
-        expected_dataset=cfg.data.name,
-        expected_num_classes=cfg.data.num_classes - 1,
-    )
     figure = _confounder_figure(confounders, ctx)
     log_figure(ctx.loggers, "conta/confounders", figure)
     metrics = {

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader, Subset
@@ -24,7 +23,7 @@ from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
-from src.postprocess.crf import CRFParams, crf_probs, run_parallel
+from src.postprocess.crf import CRFParams, crf_refine_logits, run_parallel
 
 log = logging.getLogger(__name__)
 SEGMENTER_WEIGHTS = "segmenter.pt"
@@ -197,13 +196,7 @@ def _crf_job(job: tuple, *, params: CRFParams, out_dir: Path) -> None:
         raise MissingArtifactError(f"{logits_path} missing: re-run predict_segmenter")
     with np.load(logits_path) as z:
         logits = torch.from_numpy(z["logits"].astype(np.float32))
-    h, w = image.shape[:2]
-    # deeplab-pytorch: bilinear upsampling of the stride-8 logits to the image, then softmax.
-    probs = F.softmax(
-        F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0], dim=0
-    )
-    refined = crf_probs(image, probs.numpy(), params)
-    save_label_png(out_dir / f"{image_id}.png", refined.argmax(axis=0).astype(np.uint8))
+    save_label_png(out_dir / f"{image_id}.png", crf_refine_logits(image, logits, params))
 
 
 def crf_segmenter(ctx: StageContext) -> StageResult:
