@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -47,6 +47,8 @@ class ConfounderUpdate(L.Callback):
         encoding: str = "foreground",
         prior: str = "uniform",
         center_ids: Collection[str] | None = None,
+        context: str = "calibrated",
+        transform: Callable[[Confounders], Confounders] | None = None,
     ) -> None:
         super().__init__()
         if encoding not in ENCODINGS:
@@ -72,9 +74,12 @@ class ConfounderUpdate(L.Callback):
         self.dataset_name = dataset_name
         self.encoding = encoding
         self.prior = prior
+        self.context = context  # the context variant the file is built for (checked on load)
         # Only these ids (the training split) shape C; other predicted images get just their m.
         self.center_ids = None if center_ids is None else set(center_ids)
         self.result: Confounders | None = None  # set on rank 0 after predict
+        # Optional last step before saving (e.g. conta.m_source=shuffled).
+        self.transform = transform
         self._reset()
 
     def _reset(self) -> None:
@@ -146,7 +151,10 @@ class ConfounderUpdate(L.Callback):
                 encoding=self.encoding,  # type: ignore[arg-type]
                 prior=self.prior,  # type: ignore[arg-type]
                 center_ids=self.center_ids,
+                context=self.context,
             )
+            if self.transform is not None:
+                confounders = self.transform(confounders)
             path = confounders.save(self.out_dir)
             self.result = confounders
             log.info(

@@ -1,23 +1,60 @@
-"""Embedded synthetic data set with a built-in context bias (the product's CPU demo).
+"""Embedded synthetic data set with a built-in, selectable confounder (the product's CPU demo).
 
-Six shape classes, each with its own fill pattern, sit on textured background regions. Every
-class has a "home" context (``HOME_CONTEXT``): in train its home region surrounds the object
-with probability ``p_home`` (0.9), in val with ``p_home_val`` (0.5). Otherwise the region is
-another class's context (half of the remaining cases) or absent (plain noisy background). So in
-train a context predicts its class almost perfectly, and a classifier's CAM can leak into it;
-``ContextRegions/{id}.png`` marks those regions (k = class k's home) so the leak is measurable.
-In addition the "triangle" (rider) stands on top of the "square" (horse) with probability
-``pair_prob``: the horse-and-rider co-occurrence of VOC.
+Six shape classes, each with its own fill pattern, sit on a background. Every class k has a
+"home": a home context texture (``HOME_CONTEXT``) and, for the layout confounder, a home position
+and partner region (``HOME_LAYOUT``). In train an object is "at home" with probability ``p_home``
+(0.9), in val with ``p_home_val`` (0.5), so in train the home predicts the class almost perfectly
+and a classifier's CAM can leak onto it. ``data.generator.confounder`` picks what "home" means:
+
+* ``texture`` (the default of ``ensure_synthetic_voc``, the set's original bias): objects are
+  placed uniformly at random; at home a large wobbly region of class k's context texture
+  surrounds the object, otherwise the region is another class's context (half of the remaining
+  cases) or absent (plain noisy background). The bias lives in *what surrounds* an object, so
+  every class's average mask is the same centred blob.
+* ``layout``: the bias lives in *where things are*. Class k's home anchor is a point of a 3x2 grid
+  in normalised image coordinates (rows 0.3 / 0.7, columns 0.28 / 0.5 / 0.72), and its partner
+  region is a rounded slab (above / below) or column (left / right) of class k's home texture,
+  0.5-0.7 of the object's extent deep and tucked under the object's edge so it touches the shape,
+  on a class-specific side (``HOME_LAYOUT``). Each image draws a latent layout: a global shift
+  (dy, dx) of up to +-12% of the image shared by its objects, plus +-3% jitter per object. At home
+  an object (the rider/mount pair as one group, anchored at the mount) is centred on its anchor +
+  shift + jitter, moved just enough that it and its partner stay inside the image, and gets its
+  partner region. Objects may hide at most 15% of each other (of the smaller shape); when the
+  other object takes the spot, the nearest free spot up to 15% of the image away is used, then
+  smaller objects are tried, and at last the object goes to a uniform spot without its partner
+  (counted as not at home: two large objects at neighbouring anchors do not always fit, so the
+  realised ``home_layout_rate`` is a little below ``p_home``, ~0.88 for 0.9). Away from home an
+  object is placed uniformly (as for ``texture``) with another class's partner region (half of
+  the cases, on that class's side) or none. All the rest is plain background. Because the bias
+  is spatial, the per-class average masks differ (each class's mass sits near its anchor): this
+  is the bias a spatial class prior, CONTA's confounder set C = per-class average segmentation
+  masks, can represent; under ``texture`` every entry of C is the same centred blob. The team's
+  ``conf/data/synth.yaml`` selects ``layout``.
+* ``both``: ``layout`` plus ``texture`` driven by one draw per object: at home the object sits
+  at its anchor with its partner region and today's wobbly home-texture region around it (the
+  union carries k's texture); away from home it is placed uniformly with another class's
+  surround + partner (half of the cases) or none.
+
+``ContextRegions/{id}.png`` marks every such region (surround or partner) with k, the class whose
+home texture it carries, on background pixels only, so the leak is measurable. In addition the
+"triangle" (rider) stands on top of the "square" (horse) with probability ``pair_prob``: the
+horse-and-rider co-occurrence of VOC. meta.json's ``stats`` record, per split, the realised bias:
+``home_context_rate`` (share of primary objects whose own region carries their home texture),
+``home_layout_rate`` (share placed at their home anchor; 0 for ``texture``), and the centre of
+mass of each class's average mask (``class_centroid``, normalised (y, x)), the per-image spread
+of each class's centroid and the largest distance between two classes' centroids.
 
 The files follow the VOC 2012 layout (JPEGImages, SegmentationClass palette PNGs with a 2 px 255
 band on object boundaries, ImageSets/Segmentation/{train,val}.txt) plus a COCO instances export
 (annotations/instances_{train,val}.json with non-contiguous category ids, RLE visible-region
-masks) and meta.json. Generation is deterministic: same arguments, same bytes.
+masks) and meta.json. Generation is deterministic: same arguments, same bytes (``texture`` gives
+the same bytes as before the confounder option existed).
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 import logging
 import os
@@ -43,6 +80,17 @@ SYNTH_CLASSES = ("background", "disc", "square", "triangle", "cross", "ring", "d
 SYNTH_CONTEXTS = ("sky", "grass", "sand", "road", "water", "snow")
 HOME_CONTEXT = dict(zip(SYNTH_CLASSES[1:], SYNTH_CONTEXTS, strict=True))
 PAIR = {"mount": "square", "rider": "triangle"}  # rider stands on the mount, like horse & rider
+CONFOUNDERS = ("texture", "layout", "both")
+# Layout confounder: class -> (home anchor = the object's centre in normalised (y, x), the side of
+# the object where its partner region of the class's home texture sits).
+HOME_LAYOUT = {
+    "disc": ((0.30, 0.28), "below"),
+    "ring": ((0.30, 0.50), "below"),
+    "triangle": ((0.30, 0.72), "left"),
+    "cross": ((0.70, 0.28), "above"),
+    "square": ((0.70, 0.50), "right"),
+    "diamond": ((0.70, 0.72), "above"),
+}
 # Non-contiguous on purpose, like COCO's 1..90 for 80 classes: readers must map them to 1..K.
 COCO_CATEGORY_IDS = (2, 4, 7, 9, 13, 17)
 
@@ -55,6 +103,14 @@ _BASE_HUE = {1: 0.0, 2: 60.0, 3: 120.0, 4: 180.0, 5: 240.0, 6: 300.0}  # degrees
 _HUE_JITTER = 35.0  # > half the 60 degree spacing: colour helps but never decides alone
 _MIN_AREA = 0.10  # every object covers at least 10% of the image (full shape, before occlusion)
 _MAX_AREA = 0.15
+_SHIFT = 0.12  # layout: per-image global shift of the home anchors, fraction of the image
+_JITTER = 0.03  # ... plus a per-object jitter
+_NEARBY = 0.15  # ... and how far from its anchor a home object may move to make room
+_PARTNER_DEPTH = (0.5, 0.7)  # partner region depth, fraction of the object's extent
+_PARTNER_ALONG = (1.0, 1.3)  # ... and its length along the object's side
+_PARTNER_TUCK = 0.3  # fraction of the depth tucked under the object's edge: it touches the shape
+_ANCHOR = {SYNTH_CLASSES.index(c): np.array(a, np.float64) for c, (a, _) in HOME_LAYOUT.items()}
+_SIDE = {SYNTH_CLASSES.index(c): side for c, (_, side) in HOME_LAYOUT.items()}
 
 
 @dataclass(frozen=True)
@@ -66,6 +122,7 @@ class SynthArgs:
     p_home_val: float = 0.5
     pair_prob: float = 0.7
     seed: int = 0
+    confounder: str = "texture"
 
 
 # -- colours and textures --------------------------------------------------------------------
@@ -213,12 +270,7 @@ def _place(sizes: list[tuple[int, int]], rng: np.random.Generator, size: int, st
             return None
         for _ in range(60):
             y, x = int(rng.integers(1, size - h)), int(rng.integers(1, size - w))
-            ok = not strict or all(
-                max(0, min(y + h, by + bh) - max(y, by)) * max(0, min(x + w, bx + bw) - max(x, bx))
-                <= 0.15 * min(h * w, bh * bw)
-                for by, bx, bh, bw in boxes
-            )
-            if ok:
+            if _overlap_ok((y, x, h, w), boxes, strict):
                 boxes.append((y, x, h, w))
                 break
         else:
@@ -244,8 +296,131 @@ def _void_band(labels: np.ndarray) -> np.ndarray:
     return cv2.dilate(labels, kernel) != cv2.erode(labels, kernel)
 
 
-def render_image(rng: np.random.Generator, size: int, p_home: float, pair_prob: float) -> dict:
-    """One sample: image (uint8 RGB), mask (with 255 band), context regions, instances."""
+def _partner_spec(k: int, rng: np.random.Generator) -> dict:
+    """Shape parameters of a partner region of class k's home texture (on k's side)."""
+    return {
+        "side": _SIDE[k],
+        "depth": rng.uniform(*_PARTNER_DEPTH),
+        "along": rng.uniform(*_PARTNER_ALONG),
+        "offset": rng.uniform(-0.1, 0.1),
+        "lobes": int(rng.integers(2, 5)),
+        "phase": rng.uniform(0, 2 * np.pi),
+    }
+
+
+def _partner_box(obj_box, spec: dict) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1) of the partner region next to ``obj_box`` = (y, x, h, w)."""
+    y, x, h, w = obj_box
+    if spec["side"] in ("below", "above"):
+        depth, along = spec["depth"] * h, spec["along"] * w
+        tuck, cx = _PARTNER_TUCK * depth, x + w / 2 + spec["offset"] * w
+        y0 = y + h - tuck if spec["side"] == "below" else y + tuck - depth
+        return y0, cx - along / 2, y0 + depth, cx + along / 2
+    depth, along = spec["depth"] * w, spec["along"] * h
+    tuck, cy = _PARTNER_TUCK * depth, y + h / 2 + spec["offset"] * h
+    x0 = x + w - tuck if spec["side"] == "right" else x + tuck - depth
+    return cy - along / 2, x0, cy + along / 2, x0 + depth
+
+
+def _partner_region(obj_box, spec: dict, size: int) -> np.ndarray:
+    """A wobbly rounded slab / column of ``_partner_box``, clipped to the image."""
+    y0, x0, y1, x1 = _partner_box(obj_box, spec)
+    cy, cx, ay, ax = (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2, (x1 - x0) / 2
+    yy, xx = _grid(size)
+    angle = np.arctan2((yy - cy) / ay, (xx - cx) / ax)
+    wobble = 1 + 0.08 * np.sin(spec["lobes"] * angle + spec["phase"])
+    return ((yy - cy) / ay) ** 4 + ((xx - cx) / ax) ** 4 <= wobble**4
+
+
+def _overlap_ok(box, boxes, strict: bool) -> bool:
+    y, x, h, w = box
+    return not strict or all(
+        max(0, min(y + h, by + bh) - max(y, by)) * max(0, min(x + w, bx + bw) - max(x, bx))
+        <= 0.15 * min(h * w, bh * bw)
+        for by, bx, bh, bw in boxes
+    )
+
+
+def _clamp(v: float, u0: float, u1: float, extent: int, size: int) -> int:
+    """Group coordinate ``v`` moved so that the unit [v + u0, v + u1) (the group and its partner
+    region) lies inside the image; if the unit is too large, just the group [v, v + extent)."""
+    lo, hi = int(np.ceil(1 - u0)), int(np.floor(size - 1 - u1))
+    if lo > hi:
+        lo, hi = 1, size - 1 - extent
+    return int(min(max(round(v), lo), hi))
+
+
+@functools.cache
+def _nearby_offsets(size: int) -> tuple[tuple[int, int], ...]:
+    """(dy, dx) pixel offsets within ``_NEARBY`` of the image size, nearest first."""
+    step, radius = max(1, round(0.02 * size)), _NEARBY * size
+    grid = range(-int(radius), int(radius) + 1, step)
+    offsets = [(dy, dx) for dy in grid for dx in grid if dy * dy + dx * dx <= radius * radius]
+    return tuple(sorted(offsets, key=lambda o: (o[0] ** 2 + o[1] ** 2, o)))
+
+
+def _group_mask(parts, shape) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for _, m, _, (oy, ox) in parts:
+        mask[oy : oy + m.shape[0], ox : ox + m.shape[1]] |= m
+    return mask
+
+
+def _place_layout(groups, primaries, homes, specs, shift, rng, size, strict, fallback):
+    """Group boxes for the layout confounder and which groups ended up at home; None if no
+    layout was found. Home groups go first, at anchor + shift + jitter or the nearest spot where
+    the shapes overlap the ones placed by at most 15% of the smaller one (any overlap when not
+    strict); the others, and home groups that found no room when ``fallback``, go to a uniform
+    random spot with the same rule, as in ``_place``."""
+    n = len(groups)
+    boxes: list = [None] * n
+    at_home = [False] * n
+    occupied = np.zeros((size, size), bool)
+    smallest = np.inf  # area of the smallest shape placed so far
+
+    def fits(y: int, x: int, mask: np.ndarray) -> bool:
+        if not strict or smallest == np.inf:
+            return True
+        hit = occupied[y : y + mask.shape[0], x : x + mask.shape[1]] & mask
+        return hit.sum() <= 0.15 * min(smallest, mask.sum())
+
+    for gi in sorted(range(n), key=lambda g: not homes[g]):
+        parts, (gh, gw) = groups[gi]
+        if gh > size - 2 or gw > size - 2:
+            return None
+        gmask = _group_mask(parts, (gh, gw))
+        if homes[gi]:
+            _, m, _, (oy, ox) = parts[0]  # the primary object (the mount of a pair)
+            py0, px0, py1, px1 = _partner_box((oy, ox, *m.shape), specs[gi])
+            uy0, ux0, uy1, ux1 = min(0, py0), min(0, px0), max(gh, py1), max(gw, px1)
+            centre = (_ANCHOR[primaries[gi]] + shift + rng.uniform(-_JITTER, _JITTER, 2)) * size
+            y0, x0 = centre[0] - oy - m.shape[0] / 2, centre[1] - ox - m.shape[1] / 2
+            for dy, dx in _nearby_offsets(size):  # the anchor first, then ever further away
+                y = _clamp(y0 + dy, uy0, uy1, gh, size)
+                x = _clamp(x0 + dx, ux0, ux1, gw, size)
+                if fits(y, x, gmask):
+                    boxes[gi], at_home[gi] = (y, x, gh, gw), True
+                    break
+            else:
+                if not fallback:
+                    return None
+        if boxes[gi] is None:
+            for _ in range(60):
+                y, x = int(rng.integers(1, size - gh)), int(rng.integers(1, size - gw))
+                if fits(y, x, gmask):
+                    boxes[gi] = (y, x, gh, gw)
+                    break
+            else:
+                return None
+        y, x = boxes[gi][:2]
+        occupied[y : y + gh, x : x + gw] |= gmask
+        smallest = min(smallest, gmask.sum())
+    return boxes, at_home
+
+
+def _draw_classes(rng: np.random.Generator, p_home: float, pair_prob: float):
+    """Primary classes, their groups (with the rider standing on the mount) and contexts (the
+    class whose home each primary object gets: its own, another one, or 0 = none)."""
     n_groups = 1 if rng.random() < 0.6 else 2
     primaries = [int(c) + 1 for c in rng.choice(_K, size=n_groups, replace=False)]
     group_classes = [
@@ -259,25 +434,11 @@ def render_image(rng: np.random.Generator, size: int, p_home: float, pair_prob: 
             contexts.append(int(rng.choice([k for k in range(1, _K + 1) if k != c])))
         else:
             contexts.append(0)  # plain background
+    return primaries, group_classes, contexts
 
-    # Shrink the objects (never below 10% each) until they fit without much overlap.
-    for attempt in range(12):
-        scale = max(0.0, 1.0 - attempt / 8)
-        groups = [_group(g, rng, size, scale) for g in group_classes]
-        boxes = _place([s for _, s in groups], rng, size, strict=attempt < 11)
-        if boxes is not None:
-            break
-    else:  # pragma: no cover - _place with strict=False only fails if a group exceeds the image
-        raise RuntimeError(f"cannot lay out {group_classes} in a {size}px image")
 
-    image = _plain_background(rng, size)
-    context = np.zeros((size, size), np.uint8)
-    for gi in rng.permutation(len(groups)):
-        if contexts[gi]:
-            region = _context_region(boxes[gi], rng, size)
-            image[region] = _context_texture(contexts[gi], rng, size)[region]
-            context[region] = contexts[gi]
-
+def _finish(rng, size, image, context, groups, boxes) -> dict:
+    """Draw the objects over the background and regions; noise, quantise, labels, void band."""
     labels = np.zeros((size, size), np.uint8)
     instances = np.zeros((size, size), np.uint8)
     inst_classes = []
@@ -300,10 +461,102 @@ def render_image(rng: np.random.Generator, size: int, p_home: float, pair_prob: 
         "context": context,
         "instances": instances,
         "instance_classes": inst_classes,
+    }
+
+
+def _render_texture(rng: np.random.Generator, size: int, p_home: float, pair_prob: float):
+    primaries, group_classes, contexts = _draw_classes(rng, p_home, pair_prob)
+    # Shrink the objects (never below 10% each) until they fit without much overlap.
+    for attempt in range(12):
+        scale = max(0.0, 1.0 - attempt / 8)
+        groups = [_group(g, rng, size, scale) for g in group_classes]
+        boxes = _place([s for _, s in groups], rng, size, strict=attempt < 11)
+        if boxes is not None:
+            break
+    else:  # pragma: no cover - _place with strict=False only fails if a group exceeds the image
+        raise RuntimeError(f"cannot lay out {group_classes} in a {size}px image")
+
+    image = _plain_background(rng, size)
+    context = np.zeros((size, size), np.uint8)
+    for gi in rng.permutation(len(groups)):
+        if contexts[gi]:
+            region = _context_region(boxes[gi], rng, size)
+            image[region] = _context_texture(contexts[gi], rng, size)[region]
+            context[region] = contexts[gi]
+    sample = _finish(rng, size, image, context, groups, boxes)
+    return {
+        **sample,
         "primaries": primaries,
         "contexts": contexts,
-        "rider": any(len(g) == 2 for g in group_classes),
-    }
+        "at_home": [False] * len(boxes),
+    }, group_classes
+
+
+def _render_layout(
+    rng: np.random.Generator, size: int, p_home: float, pair_prob: float, surround: bool
+):
+    primaries, group_classes, contexts = _draw_classes(rng, p_home, pair_prob)
+    homes = [k == c for k, c in zip(contexts, primaries, strict=True)]
+    specs = [_partner_spec(k, rng) if k else None for k in contexts]
+    shift = rng.uniform(-_SHIFT, _SHIFT, 2)  # the image's latent layout
+    # Shrink the objects (never below 10% each) until they fit without much overlap; a home
+    # object that still finds no room at home after a few shrinks goes elsewhere, without home.
+    for attempt in range(12):
+        scale = max(0.0, 1.0 - attempt / 8)
+        groups = [_group(g, rng, size, scale) for g in group_classes]
+        placed = _place_layout(
+            groups, primaries, homes, specs, shift, rng, size, attempt < 11, attempt >= 3
+        )
+        if placed is not None:
+            break
+    else:  # pragma: no cover - strict=False only fails if a group exceeds the image
+        raise RuntimeError(f"cannot lay out {group_classes} in a {size}px image")
+    boxes, at_home = placed
+    contexts = [0 if h and not a else k for k, h, a in zip(contexts, homes, at_home, strict=True)]
+
+    image = _plain_background(rng, size)
+    context = np.zeros((size, size), np.uint8)
+    for gi in rng.permutation(len(groups)):
+        if contexts[gi]:
+            _, m, _, (oy, ox) = groups[gi][0][0]
+            by, bx = boxes[gi][:2]
+            region = _partner_region((by + oy, bx + ox, *m.shape), specs[gi], size)
+            if surround:
+                region |= _context_region(boxes[gi], rng, size)
+            image[region] = _context_texture(contexts[gi], rng, size)[region]
+            context[region] = contexts[gi]
+    sample = _finish(rng, size, image, context, groups, boxes)
+    return {
+        **sample,
+        "primaries": primaries,
+        "contexts": contexts,
+        "at_home": at_home,
+    }, group_classes
+
+
+def render_image(
+    rng: np.random.Generator,
+    size: int,
+    p_home: float,
+    pair_prob: float,
+    confounder: str = "texture",
+) -> dict:
+    """One sample: image (uint8 RGB), mask (with 255 band), context regions, instances, and the
+    draws behind them (primaries, contexts, at_home: placed at the home anchor, rider)."""
+    if confounder == "texture":
+        sample, group_classes = _render_texture(rng, size, p_home, pair_prob)
+    elif confounder in ("layout", "both"):
+        sample, group_classes = _render_layout(rng, size, p_home, pair_prob, confounder == "both")
+    else:
+        raise ValueError(_bad_confounder(confounder))
+    sample["rider"] = any(len(g) == 2 for g in group_classes)
+    return sample
+
+
+def _bad_confounder(confounder) -> str:
+    return (
+        f"data.generator.confounder={confounder!r} is unknown; use one of {', '.join(CONFOUNDERS)}"
+    )
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -330,11 +583,14 @@ def _write_split(out: Path, split: str, n: int, args: SynthArgs, p_home: float) 
     size = args.image_size
     ids = [f"{split}_{i:05d}" for i in range(n)]
     images, anns = [], []
-    groups = home = mount = pair = singles = singles_home = 0
+    groups = home = at_home = mount = pair = singles = singles_home = 0
+    mass = np.zeros((_K + 1, 3))  # per class: pixels, sum y, sum x (the class-average mask)
+    centroids: list[list[tuple[float, float]]] = [[] for _ in range(_K + 1)]  # per image
+    yy, xx = _grid(size)
     for i, image_id in enumerate(ids):
         # One stream per (seed, split, index): an image does not depend on the split sizes.
         rng = np.random.default_rng([args.seed, 0 if split == "train" else 1, i])
-        s = render_image(rng, size, p_home, args.pair_prob)
+        s = render_image(rng, size, p_home, args.pair_prob, args.confounder)
         Image.fromarray(s["image"]).save(out / "JPEGImages" / f"{image_id}.jpg", quality=95)
         (out / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label_png(s["mask"]))
         (out / "ContextRegions" / f"{image_id}.png").write_bytes(encode_label_png(s["context"]))
@@ -342,6 +598,13 @@ def _write_split(out: Path, split: str, n: int, args: SynthArgs, p_home: float) 
         anns += _coco_annotations(s, i + 1, len(anns) + 1)
         groups += len(s["primaries"])
         home += sum(c == p for c, p in zip(s["contexts"], s["primaries"], strict=True))
+        at_home += sum(s["at_home"])
+        for j, cls in enumerate(s["instance_classes"]):
+            visible = s["instances"] == j + 1
+            n_px = int(visible.sum())
+            mass[cls] += (n_px, yy[visible].sum(), xx[visible].sum())
+            if n_px:
+                centroids[cls].append((yy[visible].mean(), xx[visible].mean()))
         mount += _MOUNT in s["primaries"]
         pair += s["rider"]
         if len(set(s["instance_classes"])) == 1:
@@ -359,10 +622,30 @@ def _write_split(out: Path, split: str, n: int, args: SynthArgs, p_home: float) 
         "categories": categories,
     }
     (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-    # Realised bias, for the record: P(a primary object's own region is its home context).
+    # Realised bias, for the record: P(a primary object's own region is its home context),
+    # P(it sits at its home anchor), and where each class's average mask has its mass.
+    centre = {
+        SYNTH_CLASSES[k]: [
+            float(mass[k, 1] / mass[k, 0] / size),
+            float(mass[k, 2] / mass[k, 0] / size),
+        ]
+        for k in range(1, _K + 1)
+        if mass[k, 0]
+    }
+    spread = {
+        SYNTH_CLASSES[k]: [float(v) for v in np.std(np.array(centroids[k]) / size, axis=0)]
+        for k in range(1, _K + 1)
+        if len(centroids[k]) > 1
+    }
+    points = np.array(list(centre.values())).reshape(-1, 2)
+    distances = np.hypot(*(points[:, None] - points[None]).transpose(2, 0, 1))
     return {
         "images": n,
         "home_context_rate": home / max(1, groups),
+        "home_layout_rate": at_home / max(1, groups),
+        "class_centroid": centre,  # centre of mass of the class-average mask, normalised (y, x)
+        "class_centroid_spread": spread,  # std of the per-image class centroid, normalised
+        "class_centroid_max_distance": float(distances.max(initial=0.0)),
         "pair_rate": pair / max(1, mount),  # P(rider | mount)
         "single_class_images": singles,
         "single_class_home_rate": singles_home / max(1, singles),
@@ -406,6 +689,9 @@ def _generate(out: Path, args: SynthArgs) -> None:
         "classes": list(SYNTH_CLASSES),
         "contexts": list(SYNTH_CONTEXTS),
         "home_context": HOME_CONTEXT,
+        "home_layout": {
+            c: {"anchor": list(a), "partner": side} for c, (a, side) in HOME_LAYOUT.items()
+        },
         "pair": PAIR,
         "coco_category_ids": list(COCO_CATEGORY_IDS),
         "stats": stats,
@@ -424,13 +710,19 @@ def ensure_synthetic_voc(
     p_home_val: float = 0.5,
     pair_prob: float = 0.7,
     seed: int = 0,
+    confounder: str = "texture",
 ) -> Path:
     """Generate the synthetic set under ``root`` unless it is already there with these args.
 
+    ``confounder`` (texture | layout | both) picks the bias, see the module docstring.
     Generation goes to a temp sibling folder that is renamed into place, so an interrupted run
     never leaves a folder that looks complete. An existing non-synthetic folder is never replaced.
     """
-    args = SynthArgs(num_train, num_val, image_size, p_home, p_home_val, pair_prob, seed)
+    if confounder not in CONFOUNDERS:
+        raise ValueError(_bad_confounder(confounder))
+    args = SynthArgs(
+        num_train, num_val, image_size, p_home, p_home_val, pair_prob, seed, confounder
+    )
     if num_train < 1 or num_val < 1:
         raise ValueError(
             f"data.generator needs num_train, num_val >= 1, got {num_train}, {num_val}"
@@ -467,10 +759,11 @@ def ensure_synthetic_voc(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
-        "generated the synthetic data set (%d train + %d val, %dpx) in %s in %.1fs",
+        "generated the synthetic data set (%d train + %d val, %dpx, %s confounder) in %s in %.1fs",
         num_train,
         num_val,
         image_size,
+        confounder,
         root,
         time.perf_counter() - start,
     )

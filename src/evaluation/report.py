@@ -96,8 +96,12 @@ def update_results(
     seconds: float | Mapping[str, float] | None = None,
     experiment: str | None = None,
     seed: int | None = None,
+    nested: bool = False,
 ) -> dict[str, Any]:
     """Merge one stage's metrics into ``results.json`` (and refresh ``results.md``); returns all.
+
+    ``nested``: store the metrics as one dict under ``row[stage_prefix]`` (e.g. ``context``)
+    instead of flattening them into ``{stage_prefix}_*`` keys.
 
     ``seconds``: a float is this stage's time; a mapping merges several {stage: s}. Call from one
     process only (rank 0): the write is atomic, but two concurrent writers would lose an update.
@@ -111,7 +115,10 @@ def update_results(
     if seed is not None:
         results["seed"] = int(seed)
     row = results["rounds"].setdefault(str(int(round_idx)), {})
-    row.update(_jsonable(stage_row(stage_prefix, metrics)))
+    if nested:
+        row[stage_prefix] = _jsonable(dict(metrics))
+    else:
+        row.update(_jsonable(stage_row(stage_prefix, metrics)))
     if seconds is not None:
         times = seconds if isinstance(seconds, Mapping) else {stage_prefix: seconds}
         row.setdefault("seconds", {}).update(_jsonable(dict(times)))
@@ -305,9 +312,35 @@ def _title(results: Mapping[str, Any]) -> str:
     )
 
 
+CONTEXT_COLUMNS = ("alpha_max", "alpha_entropy", "m_spread", "m_logit_share")
+_CONTEXT_TITLE = "CONTA context map (is M alive, does it reach the logits?)"
+_CONTEXT_LEGEND = (
+    "Over the training images, per CONTA round: alpha_max = mean max_i alpha_i (1/n: uniform "
+    "attention); alpha_entropy = mean entropy of alpha / log n (1: uniform); m_spread = mean "
+    "over positions of M's std across images / M's mean (0: one map for every image); "
+    "m_logit_share = mean |what the M channel adds to the top class logit| / |that logit|."
+)
+
+
+def context_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): the context diagnostics of every round >= 1 that has them."""
+    rows = []
+    for r, row in results["rounds"].items():
+        ctx = row.get("context")
+        if not isinstance(ctx, Mapping):
+            continue
+        cells = [f"{ctx[k]:.3f}" if ctx.get(k) is not None else _MISSING for k in CONTEXT_COLUMNS]
+        rows.append([r, *cells, "yes" if ctx.get("inert") else "no"])
+    return ["Round", *CONTEXT_COLUMNS, "inert"], rows
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     headers, rows = summary_table(results)
     parts = [f"# {_title(results)}", "", _markdown_table(headers, rows), "", _LEGEND]
+    ctx_headers, ctx_rows = context_table(results)
+    if ctx_rows:
+        parts += ["", f"## {_CONTEXT_TITLE}", "", _markdown_table(ctx_headers, ctx_rows)]
+        parts += ["", _CONTEXT_LEGEND]
     r, pc_headers, pc_rows = per_class_table(results)
     if pc_rows:
         parts += ["", f"## Per-class IoU (%), round {r}", "", _markdown_table(pc_headers, pc_rows)]
@@ -332,6 +365,9 @@ def _rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
 def print_results(results: Mapping[str, Any], console: Console | None = None) -> None:
     """Print the summary (and per-class) table with rich; plain text when stdout is no TTY."""
     tables = [_rich_table(_title(results), *summary_table(results))]
+    ctx_headers, ctx_rows = context_table(results)
+    if ctx_rows:
+        tables.append(_rich_table(_CONTEXT_TITLE, ctx_headers, ctx_rows))
     r, pc_headers, pc_rows = per_class_table(results)
     if pc_rows:
         tables.append(_rich_table(f"Per-class IoU (%), round {r}", pc_headers, pc_rows))

@@ -20,7 +20,12 @@ from torch import nn
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from src.models.backbone import ResNetBackbone
-from src.models.context import ContextModule, sample_in_frame
+from src.models.context import (
+    ContextModule,
+    context_generator,
+    own_random_stream,
+    sample_in_frame,
+)
 from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
 
 INJECT_POINTS = {"layer2_in": 1, "layer3_in": 2, "layer4_in": 3, "layer4_out": 4}
@@ -31,28 +36,39 @@ class ContextInputError(ValueError):
     """A CONTA classifier was called without its context mask or frame map."""
 
 
-def _widen_conv(conv: nn.Conv2d, extra: int) -> nn.Conv2d:
-    """The same conv with ``extra`` more input channels: old weights kept, new ones zero, so the
-    widened net computes exactly what the original did until the new weights learn."""
-    if conv.groups != 1:
-        raise ValueError("cannot widen a grouped conv for the context channel")
-    wide = nn.Conv2d(
-        conv.in_channels + extra,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        wide.weight.zero_()
-        wide.weight[:, : conv.in_channels] = conv.weight
-        if conv.bias is not None:
-            wide.bias.copy_(conv.bias)
-    wide.requires_grad_(conv.weight.requires_grad)
-    return wide
+class SplitInputConv(nn.Conv2d):
+    """A conv over [x; extra channels] computed as conv(x, W_x) + conv(extra, W_e).
+
+    The same function as one conv over the concatenation, and the same state dict, but with the
+    extra channels at zero the output is bit-identical to the original conv's: a CONTA round
+    with M forced to zero then reproduces round 0 exactly (``conta.ablate=zero_m``)."""
+
+    def __init__(self, base: nn.Conv2d, extra: int) -> None:
+        if base.groups != 1:
+            raise ValueError("cannot widen a grouped conv for the context channel")
+        with own_random_stream():
+            super().__init__(
+                base.in_channels + extra,
+                base.out_channels,
+                base.kernel_size,
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                bias=base.bias is not None,
+            )
+        self.to(device=base.weight.device, dtype=base.weight.dtype)
+        self.base_channels = base.in_channels
+        with torch.no_grad():  # new inputs start with zero weights: the function is unchanged
+            self.weight.zero_()
+            self.weight[:, : base.in_channels] = base.weight
+            if base.bias is not None:
+                self.bias.copy_(base.bias)
+        self.requires_grad_(base.weight.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.base_channels
+        out = self._conv_forward(x[:, :c], self.weight[:, :c], self.bias)
+        return out + self._conv_forward(x[:, c:], self.weight[:, c:], None)
 
 
 def _widen_stage_input(stage: nn.Sequential, extra: int) -> None:
@@ -64,14 +80,15 @@ def _widen_stage_input(stage: nn.Sequential, extra: int) -> None:
             "this stage's first block has an identity shortcut, so it cannot take an extra "
             "input channel; inject the context elsewhere"
         )
-    block.conv1 = _widen_conv(block.conv1, extra)
-    block.downsample[0] = _widen_conv(block.downsample[0], extra)
+    block.conv1 = SplitInputConv(block.conv1, extra)
+    block.downsample[0] = SplitInputConv(block.downsample[0], extra)
 
 
 def _identity_conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
     """A conv whose first ``out_channels`` inputs pass through unchanged at init (extra inputs
     get zero weights), so adding it does not disturb pretrained features."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
+    with own_random_stream():
+        conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
     with torch.no_grad():
         conv.weight.zero_()
         idx = torch.arange(out_channels)
@@ -84,13 +101,18 @@ class CAMNet(nn.Module):
 
     With a CONTA ``context`` module the context map M (1 channel, Eq. 3) is concatenated to the
     features at ``inject_at``:
-    * "layer4_out" (default, the author's choice): after the last stage, so the class conv sees
-      [F; M] and the CAM is ReLU(W [F; M]); ``post_concat_conv`` ("1x1" / "3x3") inserts an
+    * "layer4_out" (the author's choice): after the last stage, so the class conv sees [F; M]
+      and the CAM is ReLU(W [F; M]); ``post_concat_conv`` ("1x1" / "3x3") inserts an
       identity-initialised conv + ReLU mapping C+1 -> C channels before GAP;
     * "layer4_in" / "layer3_in" / "layer2_in": into that stage's input; its first block's conv1
       and shortcut conv take one more (zero-initialised) input channel.
     M is computed at the confounders' canonical size in the full-image frame and resampled to
     the feature grid through the input's ``frame`` map (see ``sample_in_frame``).
+
+    Common random numbers: the backbone and the feature columns of the class conv draw from the
+    global RNG exactly as a net without context does; every CONTA-only parameter (the class
+    weight on M, W1/W2) draws from ``generator`` instead. ``ablate_context`` feeds a zero M
+    channel (``conta.ablate=zero_m``): with the default injection the net is then round 0's.
     """
 
     def __init__(
@@ -100,6 +122,8 @@ class CAMNet(nn.Module):
         context: ContextModule | None = None,
         inject_at: str = "layer4_out",
         post_concat_conv: str = "none",
+        generator: torch.Generator | None = None,
+        ablate_context: bool = False,
     ):
         super().__init__()
         if inject_at not in INJECT_POINTS:
@@ -112,40 +136,56 @@ class CAMNet(nn.Module):
         self.num_classes = num_classes
         self.context = context
         self.inject_at = inject_at
+        self.ablate_context = bool(ablate_context)
         self.post_concat_conv = post_concat_conv if context is not None else "none"
         # Stage index the context map is concatenated in front of (4 = after the last stage).
         self._inject_stage = INJECT_POINTS[inject_at] if context is not None else None
         self.post_conv: nn.Module | None = None
         channels = backbone.out_channels[-1]
-        if context is not None:
-            if self._inject_stage == 4:
-                kernel = POST_CONCAT_CONVS[post_concat_conv]
-                if kernel:
-                    self.post_conv = nn.Sequential(
-                        _identity_conv(channels + 1, channels, kernel), nn.ReLU(inplace=True)
-                    )
-                else:
-                    channels += 1
-            else:
-                if post_concat_conv != "none":
-                    raise ValueError(
-                        f"post_concat_conv={post_concat_conv!r} only applies to "
-                        "inject_at=layer4_out; the stage after the concatenation already mixes M"
-                    )
-                if self._inject_stage < backbone.frozen_stages:
-                    raise ValueError(
-                        f"inject_at={inject_at} feeds a frozen stage (backbone.frozen_stages="
-                        f"{backbone.frozen_stages}), so W1/W2 would get no gradient; lower "
-                        "frozen_stages or inject later"
-                    )
-                _widen_stage_input(backbone.stages[self._inject_stage], 1)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
+        if context is None:
+            return
+        if self._inject_stage == 4:
+            kernel = POST_CONCAT_CONVS[post_concat_conv]
+            if kernel:
+                self.post_conv = nn.Sequential(
+                    _identity_conv(channels + 1, channels, kernel), nn.ReLU(inplace=True)
+                )
+            else:
+                self.classifier = SplitInputConv(self.classifier, 1)
+                with torch.no_grad():  # the class weights on M: a xavier draw of their own
+                    bound = math.sqrt(6.0 / (channels + 1 + num_classes))
+                    gen = generator if generator is not None else context_generator(0)
+                    w_m = torch.rand(num_classes, generator=gen) * 2 * bound - bound
+                    self.classifier.weight[:, channels, 0, 0] = w_m
+        else:
+            if post_concat_conv != "none":
+                raise ValueError(
+                    f"post_concat_conv={post_concat_conv!r} only applies to "
+                    "inject_at=layer4_out; the stage after the concatenation already mixes M"
+                )
+            if self._inject_stage < backbone.frozen_stages:
+                raise ValueError(
+                    f"inject_at={inject_at} feeds a frozen stage (backbone.frozen_stages="
+                    f"{backbone.frozen_stages}), so W1/W2 would get no gradient; lower "
+                    "frozen_stages or inject later"
+                )
+            _widen_stage_input(backbone.stages[self._inject_stage], 1)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Freshly initialised parameters outside the backbone: classifier, W1/W2, post conv."""
-        modules = [self.classifier, self.context, self.post_conv]
+        """Freshly initialised parameters outside the backbone: classifier, W1/W2, post conv
+        (without those of a context module that takes no weight decay)."""
+        context = None if self.context is None or not self.context.weight_decay else self.context
+        modules = [self.classifier, context, self.post_conv]
         return [p for m in modules if m is not None for p in m.parameters()]
+
+    def head_parameters_without_decay(self) -> list[nn.Parameter]:
+        """The calibrated context module's parameters: its attention is a cosine, so the loss
+        does not depend on the scale of W1/W2 and weight decay would only shrink them."""
+        if self.context is None or self.context.weight_decay:
+            return []
+        return list(self.context.parameters())
 
     def context_map(self, context_mask: torch.Tensor | None) -> torch.Tensor | None:
         """M (B, 1, h, w) at the canonical size in the full-image frame (None without context)."""
@@ -154,6 +194,17 @@ class CAMNet(nn.Module):
         if context_mask is None:
             raise ContextInputError("this CAM net has a context module and needs a context mask")
         return self.context(context_mask)
+
+    def context_channel(
+        self, context_mask: torch.Tensor | None, drop: bool = False
+    ) -> torch.Tensor | None:
+        """The map concatenated to the features (the module's channel of M), canonical size;
+        zero under ``ablate_context`` or ``drop`` (to measure what M adds to a logit)."""
+        m = self.context_map(context_mask)
+        if m is None:
+            return None
+        channel = self.context.channel(m)
+        return torch.zeros_like(channel) if (drop or self.ablate_context) else channel
 
     def _concat(self, x: torch.Tensor, m: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
         m_feat = sample_in_frame(m, frame, x.shape[-2:]).to(x.dtype)
@@ -164,12 +215,13 @@ class CAMNet(nn.Module):
         x: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         frame: torch.Tensor | None = None,
+        drop_context: bool = False,
     ) -> torch.Tensor:
         if self.context is None:
             return self.backbone(x)
         if frame is None:
             raise ContextInputError("this CAM net has a context module and needs a frame map")
-        m = self.context_map(context_mask)
+        m = self.context_channel(context_mask, drop=drop_context)
         bb = self.backbone
         for i, stage in enumerate(bb.stages):
             if i == self._inject_stage:
@@ -188,10 +240,11 @@ class CAMNet(nn.Module):
         x: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         frame: torch.Tensor | None = None,
+        drop_context: bool = False,
     ) -> torch.Tensor:
-        """Class logits (B, num_classes)."""
-        pooled = self.features(x, context_mask, frame).mean(dim=(2, 3), keepdim=True)
-        return self.classifier(pooled).flatten(1)
+        """Class logits (B, num_classes); ``drop_context`` zeroes the M channel."""
+        feats = self.features(x, context_mask, frame, drop_context)
+        return self.classifier(feats.mean(dim=(2, 3), keepdim=True)).flatten(1)
 
     def cam(
         self,
@@ -200,7 +253,7 @@ class CAMNet(nn.Module):
         frame: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Class activation maps (B, num_classes, h, w) at the backbone's output stride."""
-        return F.relu(F.conv2d(self.features(x, context_mask, frame), self.classifier.weight))
+        return F.relu(self.classifier(self.features(x, context_mask, frame)))
 
 
 def strided_size(size: Sequence[int], stride: int) -> tuple[int, int]:
@@ -362,6 +415,7 @@ class CAMClassifier(L.LightningModule):
             lr=self.hparams.lr,
             head_lr_mult=self.hparams.head_lr_mult,
             weight_decay=self.hparams.weight_decay,
+            head_no_decay=self.net.head_parameters_without_decay(),
         )
         return poly_sgd(
             groups,

@@ -21,7 +21,8 @@ import logging
 import math
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -53,15 +54,44 @@ class ConfounderError(ValueError):
 # Eq. 3
 
 
+CONTEXT_VARIANTS = ("calibrated", "paper")
+ContextVariant = Literal["calibrated", "paper"]
+
+
+@contextmanager
+def own_random_stream():
+    """Build modules without touching the global RNG: a round with a context module then draws
+    the same backbone / classifier init, data order and augmentation as round 0 (common random
+    numbers), and differs from it by M alone."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+def context_generator(seed: int) -> torch.Generator:
+    """The generator every freshly initialised CONTA parameter draws from (see CAMNet)."""
+    return torch.Generator().manual_seed(int(seed) % (2**63 - 1) + 7919)
+
+
 class ContextModule(nn.Module):
-    """M = (softmax(W1 m (W2 C)^T / sqrt(d)) * P) @ C, at the confounders' canonical h x w.
+    """Eq. 3 as printed (``conta.context=paper``): M = (softmax(W1 m (W2 C)^T / sqrt(d)) * P) @ C.
 
     C (n, h, w) and P (n,) are persistent buffers, so a saved state dict carries the confounder
-    set the weights were trained with. W1, W2: Linear(h*w -> d), d = n unless ``proj_dim``.
+    set the weights were trained with. W1, W2: Linear(h*w -> d), d = n unless ``proj_dim``,
+    N(0, 0.02) as CONTA's m_t.py. Measured at this init (6 confounders at 12 x 12, random
+    masks): every alpha within 1 % of 1/n, M < 0.012 and nearly the same map for every image;
+    ``CalibratedContextModule`` is the variant that starts live.
     """
 
+    variant = "paper"
+    projection_bias = True  # nn.Linear's, as m_t.py
+    weight_decay = True  # trained like the classifier
+
     def __init__(
-        self, confounders: torch.Tensor, prior: torch.Tensor, proj_dim: int | None = None
+        self,
+        confounders: torch.Tensor,
+        prior: torch.Tensor,
+        proj_dim: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         confounders = torch.as_tensor(confounders, dtype=torch.float32)
@@ -74,14 +104,24 @@ class ContextModule(nn.Module):
         if not (torch.isfinite(confounders).all() and torch.isfinite(prior).all()):
             raise ValueError("confounders / prior contain NaN or inf")
         self.size = (h, w)
-        self.proj_dim = int(proj_dim or n)
+        self.proj_dim = int(proj_dim or self.default_proj_dim(n, h * w))
         self.register_buffer("confounders", confounders.clone())
         self.register_buffer("prior", prior.clone())
-        self.w1 = nn.Linear(h * w, self.proj_dim)
-        self.w2 = nn.Linear(h * w, self.proj_dim)
-        for lin in (self.w1, self.w2):  # VC R-CNN / CONTA m_t.py init
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        with own_random_stream():
+            self.w1 = nn.Linear(h * w, self.proj_dim, bias=self.projection_bias)
+            self.w2 = nn.Linear(h * w, self.proj_dim, bias=self.projection_bias)
+        # Never the global generator: see own_random_stream.
+        self.reset_parameters(generator if generator is not None else context_generator(0))
+
+    @staticmethod
+    def default_proj_dim(n: int, hw: int) -> int:
+        return n
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            for lin in (self.w1, self.w2):  # VC R-CNN / CONTA m_t.py init
+                lin.weight.normal_(0.0, 0.02, generator=generator)
+                lin.bias.zero_()
 
     @property
     def num_confounders(self) -> int:
@@ -98,20 +138,166 @@ class ContextModule(nn.Module):
             f"got {tuple(mask.shape)}"
         )
 
-    def attention(self, mask: torch.Tensor) -> torch.Tensor:
-        """alpha (B, n): how much each class's average mask explains the image's mask."""
+    def scores(self, mask: torch.Tensor) -> torch.Tensor:
+        """Attention logits (B, n) before the softmax."""
         q = self.w1(self._flat_mask(mask).to(self.w1.weight.dtype))
         k = self.w2(self.confounders.flatten(1).to(self.w2.weight.dtype))
-        return torch.softmax(q @ k.t() / math.sqrt(self.proj_dim), dim=-1)
+        return q @ k.t() / math.sqrt(self.proj_dim)
+
+    def attention(self, mask: torch.Tensor) -> torch.Tensor:
+        """alpha (B, n): how much each class's average mask explains the image's mask."""
+        return torch.softmax(self.scores(mask), dim=-1)
+
+    def combine(self, alpha: torch.Tensor) -> torch.Tensor:
+        """M (B, h*w) = sum_i alpha_i P(c_i) c_i."""
+        flat = self.confounders.flatten(1).to(alpha.dtype)
+        return (alpha * self.prior.to(alpha.dtype)) @ flat
 
     def forward(
         self, mask: torch.Tensor, return_alpha: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """M (B, 1, h, w) for masks (B, h, w) or (B, h*w); with return_alpha also alpha (B, n)."""
         alpha = self.attention(mask)
-        flat = self.confounders.flatten(1).to(alpha.dtype)
-        m = ((alpha * self.prior.to(alpha.dtype)) @ flat).view(-1, 1, *self.size)
+        m = self.combine(alpha).view(-1, 1, *self.size)
         return (m, alpha) if return_alpha else m
+
+    def channel(self, context_map: torch.Tensor) -> torch.Tensor:
+        """The map that joins the backbone features: M itself, as the paper concatenates it."""
+        return context_map
+
+
+class CalibratedContextModule(ContextModule):
+    """Eq. 3 with its scale and conditioning fixed (``conta.context=calibrated``, the default).
+
+    Same definition (alpha over the n confounders, M a prior-weighted mix of the c_i, one channel
+    concatenated to the backbone); each change answers a measurement of the paper module:
+
+    * cosine attention: alpha = softmax(tau * cos(W1 m, W2 c_i)). The paper's dot product of
+      two N(0, 0.02) projections is ~1e-4, so every alpha sat at 1/n and each projection got
+      almost no gradient through the other; a cosine is scale-free and of order 1 at init.
+    * W1 = W2 = identity at init (d = h*w unless ``proj_dim``; a shared scaled orthonormal
+      projection when d < h*w), so at init alpha ranks the confounders by how well each c_i
+      overlaps the image's own mask, and learning refines that instead of starting from noise.
+    * a learnable temperature tau (log-parametrised, init ``temperature``). Measured at init on
+      the round-0 confounders of ``make train`` (320 layout images): tau 1 / 3 / 10 / 30 give
+      alpha entropy / log n 0.99 / 0.92 / 0.59 / 0.42 and m_spread 0.15 / 0.44 / 0.93 / 1.08;
+      10 is live without being one-hot (the paper module: 1.00 and 0.002).
+    * M renormalised by sum_i alpha_i P(c_i): a convex mix of class masks in [0, 1], not one
+      scaled by P = 1/n (~0.01 for VOC).
+    * the channel that joins the features is g * (M - mean(C)) / std(C) with a learnable gain g
+      (init 1): it starts at unit scale, like the batch-normalised features, and is signed, so
+      a class weight on it can both raise and lower the CAM where the prior says.
+    """
+
+    variant = "calibrated"
+    # A bias would be the same for every image, and the cosine ignores the scale of W1 m: with
+    # weight decay shrinking W1 the bias took over and alpha became one vector for every image
+    # (measured in make train: m_spread 0 in round 1). So: no bias, and no weight decay.
+    projection_bias = False
+    weight_decay = False
+
+    def __init__(
+        self,
+        confounders: torch.Tensor,
+        prior: torch.Tensor,
+        proj_dim: int | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 10.0,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"conta.temperature={temperature} must be > 0")
+        self._temperature0 = float(temperature)
+        super().__init__(confounders, prior, proj_dim, generator)
+        centers = self.confounders
+        self.register_buffer("center_mean", centers.mean().reshape(()))
+        self.register_buffer("center_std", centers.std().clamp_min(1e-3).reshape(()))
+
+    @staticmethod
+    def default_proj_dim(n: int, hw: int) -> int:
+        return hw
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        hw = self.size[0] * self.size[1]
+        with torch.no_grad():
+            if self.proj_dim == hw:
+                basis = torch.eye(hw)
+            else:
+                # Rows orthonormal, scaled so |Q x| ~ |x| (Johnson-Lindenstrauss).
+                basis = torch.linalg.qr(torch.randn(hw, hw, generator=generator))[0]
+                basis = basis[: self.proj_dim] * math.sqrt(hw / self.proj_dim)
+            for lin in (self.w1, self.w2):
+                lin.weight.copy_(basis)
+        if not hasattr(self, "gain"):
+            self.log_temperature = nn.Parameter(torch.empty(()))
+            self.gain = nn.Parameter(torch.empty(()))
+        with torch.no_grad():
+            self.log_temperature.fill_(math.log(self._temperature0))
+            self.gain.fill_(1.0)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def scores(self, mask: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(self.w1(self._flat_mask(mask).to(self.w1.weight.dtype)), dim=-1)
+        k = F.normalize(self.w2(self.confounders.flatten(1).to(self.w2.weight.dtype)), dim=-1)
+        return self.temperature * (q @ k.t())
+
+    def combine(self, alpha: torch.Tensor) -> torch.Tensor:
+        weights = alpha * self.prior.to(alpha.dtype)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        return weights @ self.confounders.flatten(1).to(alpha.dtype)
+
+    def channel(self, context_map: torch.Tensor) -> torch.Tensor:
+        return self.gain * (context_map - self.center_mean) / self.center_std
+
+
+def build_context_module(
+    variant: str,
+    confounders: torch.Tensor,
+    prior: torch.Tensor,
+    *,
+    proj_dim: int | None = None,
+    temperature: float = 10.0,
+    generator: torch.Generator | None = None,
+) -> ContextModule:
+    """The context module of ``conta.context`` (calibrated | paper)."""
+    if variant == "paper":
+        return ContextModule(confounders, prior, proj_dim, generator)
+    if variant == "calibrated":
+        return CalibratedContextModule(confounders, prior, proj_dim, generator, temperature)
+    raise ValueError(
+        f"conta.context={variant!r} is unknown; choose one of {list(CONTEXT_VARIANTS)} "
+        "(calibrated: the live module, paper: Eq. 3 as printed, for the ablation)"
+    )
+
+
+@torch.no_grad()
+def context_statistics(module: ContextModule, masks: torch.Tensor, batch: int = 256) -> dict:
+    """Is M alive? Over the images' masks m (N, h, w):
+
+    alpha_max: mean of max_i alpha_i (1/n = uniform attention, 1 = one confounder per image);
+    alpha_entropy: mean entropy of alpha / log n (1 = uniform);
+    m_spread: mean over positions of the std of M across images, / the mean of M (0 = the same
+    map for every image). M is Eq. 3's output before any gain, so variants compare.
+    """
+    alphas, maps = [], []
+    for start in range(0, len(masks), batch):
+        m, alpha = module(masks[start : start + batch].float(), return_alpha=True)
+        alphas.append(alpha.double())
+        maps.append(m.flatten(1).double())
+    alpha = torch.cat(alphas)
+    maps = torch.cat(maps)
+    n = alpha.shape[1]
+    entropy = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1) / math.log(max(n, 2))
+    spread = maps.std(0, unbiased=False).mean() / maps.mean().abs().clamp_min(1e-12)
+    return {
+        "alpha_max": float(alpha.max(-1).values.mean()),
+        "alpha_entropy": float(entropy.mean()),
+        "m_spread": float(spread),
+        "m_mean": float(maps.mean()),
+        "m_max": float(maps.max()),
+    }
 
 
 def sample_in_frame(
@@ -273,6 +459,10 @@ class Confounders:
     codes: np.ndarray
     mask_scale: float = 1.0
     encoding: str = "foreground"
+    # Provenance: the context variant the file was built for, where C and m come from.
+    context: str = "calibrated"
+    c_source: str = "pred"
+    m_source: str = "own"
     _index: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -326,8 +516,35 @@ class Confounders:
             )
         return self.codes[k].astype(np.float32) * np.float32(self.mask_scale)
 
-    def context_module(self, proj_dim: int | None = None) -> ContextModule:
-        return ContextModule(torch.from_numpy(self.centers), torch.from_numpy(self.prior), proj_dim)
+    def context_module(
+        self,
+        proj_dim: int | None = None,
+        temperature: float = 10.0,
+        generator: torch.Generator | None = None,
+    ) -> ContextModule:
+        return build_context_module(
+            self.context,
+            torch.from_numpy(self.centers),
+            torch.from_numpy(self.prior),
+            proj_dim=proj_dim,
+            temperature=temperature,
+            generator=generator,
+        )
+
+    def with_shuffled_masks(self, groups: Sequence[Collection[str]], seed: int) -> Confounders:
+        """``conta.m_source=shuffled``: every image gets another image's m (a random derangement
+        within each group of ids, e.g. train and val); C is unchanged. A control that must not
+        help: it keeps M's marginal statistics and breaks its tie to the image."""
+        rng = np.random.default_rng(seed)
+        codes = self.codes.copy()
+        for group in groups:
+            rows = np.array([self._index[i] for i in sorted(group) if i in self._index])
+            if len(rows) < 2:
+                continue
+            shift = rng.permutation(len(rows))
+            # A cyclic shift over a random order: no image keeps its own m.
+            codes[rows[shift]] = self.codes[rows[np.roll(shift, 1)]]
+        return replace(self, codes=codes, m_source="shuffled")
 
     def meta(self) -> dict:
         return {
@@ -341,6 +558,9 @@ class Confounders:
             "num_images": len(self.ids),
             "counts": self.counts.tolist(),
             "prior": self.prior.tolist(),
+            "context": self.context,
+            "c_source": self.c_source,
+            "m_source": self.m_source,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -368,6 +588,7 @@ class Confounders:
         expected_dataset: str,
         expected_num_classes: int,
         expected_size: Sequence[int] | None = None,
+        expected_context: str | None = None,
     ) -> Confounders:
         path = Path(directory) / CONFOUNDERS_FILE
         rebuild = (
@@ -403,6 +624,14 @@ class Confounders:
                 f"{tuple(expected_size)} (conta.size). {rebuild} at that size, or set the size "
                 "to match."
             )
+        built_for = meta.get("context", "paper")  # files before the variants were paper's
+        if expected_context is not None and built_for != expected_context:
+            raise ConfounderError(
+                f"{path} was built for conta.context={built_for!r}, this run uses "
+                f"conta.context={expected_context!r}. Fix: set conta.context={built_for} to "
+                "continue that run, or re-run the previous round's confounders stage "
+                "(force=[confounders]) for this variant."
+            )
         for key in ("centers", "prior"):
             if not np.isfinite(arrays[key]).all():
                 raise ConfounderError(f"{path}: {key} contains NaN or inf. {rebuild}.")
@@ -416,6 +645,9 @@ class Confounders:
             codes=arrays["codes"],
             mask_scale=float(meta["mask_scale"]),
             encoding=meta["encoding"],
+            context=built_for,
+            c_source=str(meta.get("c_source", "pred")),
+            m_source=str(meta.get("m_source", "own")),
         )
 
 
@@ -430,6 +662,8 @@ def build_confounders(
     encoding: Encoding = "foreground",
     prior: Prior = "uniform",
     center_ids: Collection[str] | None = None,
+    context: str = "calibrated",
+    c_source: str = "pred",
 ) -> Confounders:
     """The confounder set from each image's class-id map at (h, w) and its multi-hot labels,
     one entry per image id (so duplicates cannot bias the centers). Ids are stored sorted.
@@ -458,6 +692,8 @@ def build_confounders(
         codes=codes,
         mask_scale=scale,
         encoding=encoding,
+        context=context,
+        c_source=c_source,
     )
 
 

@@ -15,11 +15,15 @@ def sgd_param_groups(
     lr: float,
     head_lr_mult: float,
     weight_decay: float,
+    head_no_decay: Iterable[nn.Parameter] = (),
 ) -> list[dict]:
-    """Backbone at `lr`, freshly initialised head at `lr * head_lr_mult` (IRNet's 10x)."""
+    """Backbone at `lr`, freshly initialised head at `lr * head_lr_mult` (IRNet's 10x);
+    `head_no_decay`: head parameters the loss is scale-invariant in (weight decay would only
+    shrink them until their effective step size blows up), at the head lr without decay."""
     groups = [
         {"params": list(backbone), "lr": lr, "weight_decay": weight_decay},
         {"params": list(head), "lr": lr * head_lr_mult, "weight_decay": weight_decay},
+        {"params": list(head_no_decay), "lr": lr * head_lr_mult, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 

@@ -37,6 +37,7 @@ from src.pipeline.runtime import (
 )
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
+from src.pipeline.stages.context import validate_conta
 from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class PipelineError(RuntimeError):
 
 
 def check_stages(cfg: DictConfig) -> list[Stage]:
+    validate_conta(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"stages={unknown} unknown; available: {sorted(STAGES)}")
@@ -128,7 +130,7 @@ def _run_stage(
     if is_global_zero():
         _prepare_stage_dir(sdir, digest)
     barrier()
-    seed = stage_seed(cfg.seed, round_idx, stage.name)
+    seed = stage_seed(cfg.seed, stage.name)
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = StageContext(
         cfg=cfg,
@@ -163,6 +165,7 @@ def _run_stage(
             seconds={stage.name: round(seconds, 1)},
             experiment=cfg.experiment_name,
             seed=cfg.seed,
+            nested=result.nested,
         )
         sdir.mark_done(
             digest,

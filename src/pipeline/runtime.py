@@ -39,10 +39,17 @@ def picked_config(cfg: DictConfig, keys: list[str]) -> dict:
     return {k: _resolved(OmegaConf.select(cfg, k)) for k in keys}
 
 
+# How stage seeds are drawn (see stage_seed); part of every hash, so runs finished under an
+# earlier scheme (a seed per round) are redone rather than mixed with this one's.
+SEEDING = "per-stage"
+
+
 def config_hash(cfg: DictConfig, keys: list[str], upstream: list[str]) -> str:
     """Hash of the resolved config subtrees a stage depends on, chained with its inputs' hashes."""
     blob = json.dumps(
-        {"cfg": picked_config(cfg, keys), "upstream": upstream}, sort_keys=True, default=str
+        {"cfg": picked_config(cfg, keys), "upstream": upstream, "seeding": SEEDING},
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -51,9 +58,10 @@ def _resolved(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def stage_seed(base_seed: int, round_idx: int, stage: str) -> int:
-    """A distinct, reproducible seed per (seed, round, stage)."""
-    digest = hashlib.sha1(f"{base_seed}/{round_idx}/{stage}".encode()).hexdigest()
+def stage_seed(base_seed: int, stage: str) -> int:
+    """A distinct, reproducible seed per (seed, stage), the same in every round: rounds then
+    share their random numbers (init, data order, augmentation) and differ by M alone."""
+    digest = hashlib.sha1(f"{base_seed}/{stage}".encode()).hexdigest()
     return int(digest[:8], 16) % (2**31 - 1)
 
 

@@ -33,12 +33,14 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """metrics go to DONE.json and the loggers; `results` (if any) into results.json under `prefix`."""
+    """metrics go to DONE.json and the loggers; `results` (if any) into results.json, as
+    `{prefix}_{key}` row keys, or as one `prefix` key holding the dict when `nested`."""
 
     metrics: dict
     artifacts: list[str]
     results: dict | None = None
     prefix: str | None = None
+    nested: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,30 @@
-"""The synthetic set: layout, determinism, the context bias and the co-occurring pair."""
+"""The synthetic set: layout, determinism, the context and layout confounders, the co-occurring
+pair."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from src.datamodules.coco import COCOSegmentation
+from src.datamodules.datamodule import prepare_data
 from src.datamodules.palette import VOC_PALETTE, read_label_png
 from src.datamodules.synthetic import (
     COCO_CATEGORY_IDS,
     HOME_CONTEXT,
+    HOME_LAYOUT,
     PAIR,
     SYNTH_CLASSES,
     SYNTH_CONTEXTS,
     ensure_synthetic_voc,
+    render_image,
 )
 from src.datamodules.validation import DatasetError
 from src.datamodules.voc import VOCSegmentation
@@ -198,3 +204,201 @@ def test_coco_export_matches_voc_masks(synth_root: Path, tmp_path: Path):
         a, b = coco.load_mask(i), voc.load_mask(i)
         known = b != 255
         np.testing.assert_array_equal(a[known], b[known])
+
+
+# -- the confounder: texture (default) | layout | both ----------------------------------------
+LAYOUT = {"num_train": 200, "num_val": 100, "image_size": 64}
+
+
+def _class_average_masks(root: Path, split: str = "train") -> np.ndarray:
+    """CONTA's confounder set C: per class, the average of its masks over the images showing it."""
+    size = json.loads((root / "meta.json").read_text())["generator"]["image_size"]
+    acc, n = np.zeros((len(SYNTH_CLASSES), size, size)), np.zeros(len(SYNTH_CLASSES))
+    for image_id in _ids(root, split):
+        mask = read_label_png(root / "SegmentationClass" / f"{image_id}.png")
+        for k in range(1, len(SYNTH_CLASSES)):
+            if (mask == k).any():
+                acc[k] += mask == k
+                n[k] += 1
+    assert (n[1:] > 0).all()
+    return acc[1:] / n[1:, None, None]
+
+
+def _centres(masks: np.ndarray) -> np.ndarray:
+    """Centres of mass (y, x) of HxW weight maps, as fractions of the image size."""
+    size = masks.shape[-1]
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    w = masks.reshape(len(masks), -1).sum(1)
+    return np.stack([(masks * yy).sum((1, 2)) / w, (masks * xx).sum((1, 2)) / w], 1)
+
+
+def _spread_of_c(root: Path) -> tuple[int, float]:
+    """(pairs of classes whose average-mask centres are > 0.2 image apart, mean pairwise
+    correlation of the class-average masks)."""
+    c = _class_average_masks(root)
+    centres = _centres(c)
+    upper = np.triu_indices(len(c), 1)
+    distance = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))[upper]
+    return int((distance > 0.2).sum()), float(np.corrcoef(c.reshape(len(c), -1))[upper].mean())
+
+
+@pytest.fixture(scope="module")
+def layout_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("layout") / "synth"
+    return ensure_synthetic_voc(root, **LAYOUT, confounder="layout")
+
+
+def test_texture_is_the_default_confounder(tmp_path: Path):
+    a = ensure_synthetic_voc(tmp_path / "a", **SMALL)
+    b = ensure_synthetic_voc(tmp_path / "b", **SMALL, confounder="texture")
+    assert _all_bytes(a) == _all_bytes(b)
+    assert json.loads((a / "meta.json").read_text())["generator"]["confounder"] == "texture"
+
+
+def test_texture_samples_are_unchanged():
+    """``texture`` keeps the set's bytes from before the confounder option: a digest of the raw
+    arrays of 8 samples (no JPEG/PNG codec involved). Only a change of numpy's random streams,
+    or of the texture generator, may move it."""
+    digest = hashlib.sha256()
+    for i in range(8):
+        s = render_image(np.random.default_rng([0, 0, i]), 64, 0.9, 0.7)
+        for key in ("image", "mask", "context", "instances"):
+            digest.update(np.ascontiguousarray(s[key]).tobytes())
+    assert digest.hexdigest() == (
+        "9e45c392967837c6fbd0e742882a61b69a59d313066f1ffbc5bcb6a43c22fe1a"
+    )
+    assert s["at_home"] == [False] * len(s["primaries"])  # texture: no home positions
+
+
+def test_layout_is_deterministic_and_differs_from_texture(tmp_path: Path):
+    a = ensure_synthetic_voc(tmp_path / "a", **SMALL, confounder="layout")
+    b = ensure_synthetic_voc(tmp_path / "b", **SMALL, confounder="layout")
+    t = ensure_synthetic_voc(tmp_path / "t", **SMALL)
+    bytes_a = _all_bytes(a)
+    assert bytes_a == _all_bytes(b)
+    assert json.loads((a / "meta.json").read_text())["generator"]["confounder"] == "layout"
+    images = [k for k in bytes_a if k.startswith("JPEGImages/")]
+    bytes_t = _all_bytes(t)
+    assert sum(bytes_a[k] != bytes_t[k] for k in images) >= len(images) - 1
+
+
+def test_layout_class_average_masks_differ(layout_root: Path, biased_root: Path):
+    """C is no longer one centred blob: the class-average masks sit at class-specific places."""
+    far_pairs, corr = _spread_of_c(layout_root)
+    assert far_pairs >= 6 and corr < 0.35, (far_pairs, corr)
+    far_pairs_t, corr_t = _spread_of_c(biased_root)  # texture: the same blob for every class
+    assert far_pairs_t <= 1 and corr_t > 0.5, (far_pairs_t, corr_t)
+    meta = json.loads((layout_root / "meta.json").read_text())["stats"]["train"]
+    assert meta["class_centroid_max_distance"] > 0.3
+    centre = np.array(meta["class_centroid"]["disc"])
+    np.testing.assert_allclose(
+        centre, _centres(_class_average_masks(layout_root)[:1])[0], atol=0.03
+    )
+
+
+def test_layout_masks_vary_per_image(layout_root: Path):
+    centroids = []
+    disc = SYNTH_CLASSES.index("disc")
+    for image_id in _ids(layout_root, "train"):
+        mask = read_label_png(layout_root / "SegmentationClass" / f"{image_id}.png")
+        if (mask == disc).sum() > 50:
+            centroids.append(_centres((mask == disc)[None].astype(float))[0])
+        assert not np.isin(mask[[0, -1]], range(1, 7)).any()  # objects stay inside the image
+        assert not np.isin(mask[:, [0, -1]], range(1, 7)).any()
+    spread = np.std(centroids, axis=0)
+    assert len(centroids) > 20 and (spread > 0.04).all(), spread
+    assert len({tuple(np.round(c, 2)) for c in centroids}) > 0.8 * len(centroids)
+
+
+def test_layout_home_rate_train_vs_val(layout_root: Path):
+    train_rate, n_train = _single_class_home_rate(layout_root, "train")
+    val_rate, n_val = _single_class_home_rate(layout_root, "val")
+    assert n_train > 80 and n_val > 40
+    assert abs(train_rate - 0.9) < 0.08, train_rate
+    assert abs(val_rate - 0.5) < 0.17, val_rate
+    stats = json.loads((layout_root / "meta.json").read_text())["stats"]
+    assert abs(stats["train"]["home_layout_rate"] - 0.9) < 0.06, stats["train"]
+    assert abs(stats["val"]["home_layout_rate"] - 0.5) < 0.12, stats["val"]
+    for split in ("train", "val"):  # layout: the partner region comes with the home position
+        assert stats[split]["home_layout_rate"] == stats[split]["home_context_rate"]
+
+
+def test_partner_regions_touch_their_object_on_the_class_side(layout_root: Path):
+    sides = {"below": (1, 0), "above": (-1, 0), "right": (0, 1), "left": (0, -1)}
+    n = touching = right_side = 0
+    ratios = []
+    for image_id in _ids(layout_root, "train"):
+        mask = read_label_png(layout_root / "SegmentationClass" / f"{image_id}.png")
+        context = read_label_png(layout_root / "ContextRegions" / f"{image_id}.png")
+        assert not ((context > 0) & (mask > 0) & (mask < 255)).any()  # background pixels only
+        classes = [int(k) for k in np.unique(mask) if k not in (0, 255)]
+        if len(classes) != 1 or not (context == classes[0]).any():
+            continue
+        k = classes[0]
+        obj, partner = mask == k, context == k
+        n += 1
+        grown = cv2.dilate(obj.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        touching += bool((grown & partner).any())
+        ratios.append(partner.sum() / obj.sum())
+        offset = _centres(partner[None].astype(float))[0] - _centres(obj[None].astype(float))[0]
+        right_side += float(np.dot(offset, sides[HOME_LAYOUT[SYNTH_CLASSES[k]][1]])) > 0.05
+    assert n > 80
+    assert touching == n
+    assert right_side >= 0.95 * n
+    assert np.median(ratios) > 0.6  # sizable: comparable to the object's own area
+
+
+def test_layout_keeps_the_rider_on_the_mount(layout_root: Path):
+    mount, rider = SYNTH_CLASSES.index(PAIR["mount"]), SYNTH_CLASSES.index(PAIR["rider"])
+    with_mount = touching = 0
+    for image_id in _ids(layout_root, "train"):
+        mask = read_label_png(layout_root / "SegmentationClass" / f"{image_id}.png")
+        if (mask == mount).any() and (mask == rider).any():
+            with_mount += 1
+            grown = cv2.dilate((mask == rider).astype(np.uint8), np.ones((7, 7), np.uint8))
+            touching += bool((grown.astype(bool) & (mask == mount)).any())
+    assert with_mount > 15 and touching >= 0.9 * with_mount
+    stats = json.loads((layout_root / "meta.json").read_text())["stats"]["train"]
+    assert abs(stats["pair_rate"] - 0.7) < 0.2
+
+
+def test_both_is_layout_plus_the_texture_surround(tmp_path: Path):
+    args = {"num_train": 40, "num_val": 4, "image_size": 64}
+    layout = ensure_synthetic_voc(tmp_path / "l", **args, confounder="layout")
+    both = ensure_synthetic_voc(tmp_path / "b", **args, confounder="both")
+    meta = json.loads((both / "meta.json").read_text())
+    assert meta["generator"]["confounder"] == "both"
+    assert meta["stats"]["train"]["home_layout_rate"] > 0.7
+    larger = 0
+    for image_id in _ids(both, "train"):
+        # The same draws place the objects, so the masks are the same as for layout ...
+        mask_l = read_label_png(layout / "SegmentationClass" / f"{image_id}.png")
+        mask_b = read_label_png(both / "SegmentationClass" / f"{image_id}.png")
+        np.testing.assert_array_equal(mask_l, mask_b)
+        # ... and the regions grow by the surround around each object.
+        ctx_l = read_label_png(layout / "ContextRegions" / f"{image_id}.png")
+        ctx_b = read_label_png(both / "ContextRegions" / f"{image_id}.png")
+        assert ((ctx_b > 0) | (ctx_l == 0)).all()
+        larger += (ctx_b > 0).sum() > 1.3 * (ctx_l > 0).sum() > 0
+    assert larger > 20
+
+
+def test_unknown_confounder_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"data\.generator\.confounder.*texture, layout, both"):
+        ensure_synthetic_voc(tmp_path / "s", **SMALL, confounder="colour")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match=r"data\.generator\.confounder"):
+        render_image(np.random.default_rng(0), 64, 0.9, 0.7, "Layout")
+
+
+def test_config_selects_layout_with_one_folder_per_confounder(synth_cfg, tmp_path: Path):
+    conf = OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / "synth.yaml")
+    assert conf.generator.confounder == "layout"
+    for key in ("root", "cache_dir"):
+        assert "${data.generator.confounder}" in OmegaConf.to_container(conf)[key]
+    # prepare_data passes the generator block through, confounder included.
+    synth_cfg.root = str(tmp_path / "synth_layout")
+    synth_cfg.generator = {**SMALL, "confounder": "layout"}
+    prepare_data(synth_cfg)
+    meta = json.loads((tmp_path / "synth_layout" / "meta.json").read_text())
+    assert meta["generator"]["confounder"] == "layout"

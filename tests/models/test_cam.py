@@ -289,3 +289,48 @@ def test_predict_step_writes_float16_cams_for_gt_classes_only():
     assert items[0]["keys"].tolist() == [1, 4] and items[1]["keys"].tolist() == [3]
     assert items[0]["cam"].dtype.name == "float16" and items[0]["cam"].shape == (2, 16, 16)
     assert items[1]["high_res"].shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("inject_at", ["layer4_out", "layer4_in", "layer3_in"])
+def test_a_context_net_with_zero_m_is_bit_identical_to_the_round0_net(inject_at):
+    """Common random numbers at the model level: built after the same seed, a context net draws
+    the same backbone and class weights as the plain net (its own parameters come from their
+    own generator), and with the M channel zeroed (conta.ablate=zero_m) its logits, CAMs and
+    gradients equal the plain net's bit for bit."""
+    torch.manual_seed(0)
+    plain = tiny_net()
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    ctx = tiny_context()
+    gen = torch.Generator().manual_seed(1)
+    net = CAMNet(backbone, 4, context=ctx, inject_at=inject_at, generator=gen, ablate_context=True)
+    assert torch.equal(
+        net.classifier.weight[:, : plain.classifier.in_channels], plain.classifier.weight
+    )
+    x = torch.randn(2, 3, 64, 64)
+    mask, frame = context_inputs(2, 64, 64)
+    a, b = plain(x), net(x, mask, frame)
+    assert torch.equal(a, b)
+    assert torch.equal(plain.cam(x), net.cam(x, mask, frame))
+    a.sum().backward()
+    b.sum().backward()
+    g_plain = dict(plain.backbone.named_parameters())
+    for name, p in net.backbone.named_parameters():
+        q = g_plain[name]
+        assert torch.equal(p.grad[:, : q.shape[1]] if p.ndim == 4 else p.grad, q.grad), name
+
+
+def test_split_input_conv_is_the_widened_conv():
+    from src.models.cam import SplitInputConv
+
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(8, 5, 3, padding=1, bias=True)
+    split = SplitInputConv(base, 1)
+    with torch.no_grad():
+        split.weight[:, -1].normal_()
+    x = torch.randn(2, 9, 7, 7)
+    ref = torch.nn.functional.conv2d(x, split.weight, split.bias, padding=1)
+    torch.testing.assert_close(split(x), ref)
+    assert set(split.state_dict()) == {"weight", "bias"}  # the same checkpoint layout
+    zero = torch.cat([x[:, :8], torch.zeros(2, 1, 7, 7)], 1)
+    assert torch.equal(split(zero), base(x[:, :8]))

@@ -9,12 +9,17 @@ import torch.nn.functional as F
 from src.datamodules.transforms import frame_grid, load_frame, train_transform
 from src.models.context import (
     CONFOUNDERS_FILE,
+    CONTEXT_VARIANTS,
+    CalibratedContextModule,
     ConfounderAccumulator,
     ConfounderError,
     Confounders,
     ContextMaskDataset,
     ContextModule,
     build_confounders,
+    build_context_module,
+    context_generator,
+    context_statistics,
     encode_mask,
     resize_nearest,
     sample_in_frame,
@@ -70,6 +75,127 @@ def test_context_module_gradients_reach_w1_w2_and_bad_shapes_raise():
         ContextModule(torch.rand(3, 4, 4), torch.rand(4))
     with pytest.raises(ValueError, match="NaN"):
         ContextModule(torch.full((3, 4, 4), float("nan")), torch.rand(3))
+
+
+def _blob_confounders(size=12):
+    """6 class-average masks: blobs on a 3 x 2 grid (like the layout set's C)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.tensor([[y, x] for y in (3.0, 8.0) for x in (2.0, 5.5, 9.0)])
+    d2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+    return torch.exp(-d2 / 4.0), centres
+
+
+def _masks_near(centres, size=12, per_class=8, seed=1):
+    """Per class, images whose mask is a 4x4 square near that class's blob."""
+    g = torch.Generator().manual_seed(seed)
+    masks, labels = [], []
+    for k, (cy, cx) in enumerate(centres.tolist()):
+        for _ in range(per_class):
+            m = torch.zeros(size, size)
+            y = int(min(max(cy + torch.randint(-1, 2, (), generator=g) - 2, 0), size - 4))
+            x = int(min(max(cx + torch.randint(-1, 2, (), generator=g) - 2, 0), size - 4))
+            m[y : y + 4, x : x + 4] = 1
+            masks.append(m)
+            labels.append(k)
+    return torch.stack(masks), torch.tensor(labels)
+
+
+def test_paper_module_is_inert_at_init_and_calibrated_is_live():
+    """The issue's measurement, as a test: 6 blob confounders at 12x12. The paper's Eq. 3 at
+    its N(0, 0.02) init gives uniform alpha and one tiny M for every image; the calibrated
+    module picks each image's own class's c_i and M varies across images."""
+    centers, centres = _blob_confounders()
+    prior = torch.full((6,), 1 / 6)
+    masks, labels = _masks_near(centres)
+    gen = context_generator(0)
+    paper = build_context_module("paper", centers, prior, generator=gen)
+    live = build_context_module("calibrated", centers, prior, generator=gen)
+    p, c = context_statistics(paper, masks), context_statistics(live, masks)
+    assert p["alpha_entropy"] > 0.99 and p["m_spread"] < 0.01 and p["m_max"] < 0.2
+    assert c["alpha_entropy"] < 0.7 and c["m_spread"] > 0.3 and c["alpha_max"] > 0.5
+    picked = live.attention(masks).argmax(-1)
+    assert (picked == labels).float().mean() > 0.8  # at init alpha ranks by overlap (0.875)
+
+
+def test_calibrated_module_is_a_convex_mix_with_learnable_scale():
+    centers, centres = _blob_confounders()
+    prior = torch.tensor([0.3, 0.1, 0.1, 0.2, 0.2, 0.1])
+    masks, _ = _masks_near(centres, per_class=2)
+    live = CalibratedContextModule(centers, prior, temperature=5.0)
+    m, alpha = live(masks, return_alpha=True)
+    weights = alpha * prior
+    weights = weights / weights.sum(-1, keepdim=True)
+    torch.testing.assert_close(m.flatten(1), weights @ centers.flatten(1))
+    assert m.min() >= 0 and m.max() <= 1  # renormalised by sum alpha P: no 1/n scale
+    assert live.temperature.item() == pytest.approx(5.0)
+    torch.testing.assert_close(live.w1.weight, torch.eye(144))  # identity init, d = h*w
+    channel = live.channel(live(centers))
+    torch.testing.assert_close(channel.mean(), torch.tensor(0.0), atol=0.2, rtol=0)
+    channel.pow(2).sum().backward()
+    for p in (live.gain, live.log_temperature, live.w1.weight, live.w2.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    small = CalibratedContextModule(centers, prior, proj_dim=32, generator=context_generator(1))
+    assert small.w1.weight.shape == (32, 144)
+    torch.testing.assert_close(small.w1.weight, small.w2.weight)  # one shared projection
+    with pytest.raises(ValueError, match="temperature"):
+        CalibratedContextModule(centers, prior, temperature=0.0)
+    with pytest.raises(ValueError, match=r"conta.context='dot'.*calibrated"):
+        build_context_module("dot", centers, prior)
+
+
+def test_context_modules_leave_the_global_rng_alone():
+    """Common random numbers: building any context module (and seeding its own generator)
+    does not move the global RNG, so the backbone built after it is round 0's."""
+    centers, _ = _blob_confounders()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    for variant in CONTEXT_VARIANTS:
+        build_context_module(variant, centers, torch.full((6,), 1 / 6), proj_dim=16)
+    torch.testing.assert_close(torch.rand(4), expected)
+    a = ContextModule(centers, torch.full((6,), 1 / 6), generator=context_generator(5))
+    b = ContextModule(centers, torch.full((6,), 1 / 6), generator=context_generator(5))
+    torch.testing.assert_close(a.w1.weight, b.w1.weight)
+
+
+def test_shuffled_masks_give_every_image_another_images_m():
+    conf = _confounders_of(10)
+    shuffled = conf.with_shuffled_masks([conf.ids[:6], conf.ids[6:]], seed=0)
+    assert shuffled.m_source == "shuffled"
+    np.testing.assert_array_equal(shuffled.centers, conf.centers)
+    for image_id in conf.ids:
+        assert not np.array_equal(shuffled.mask_for(image_id), conf.mask_for(image_id))
+    # A permutation within each group: the same multiset of masks.
+    for group in (conf.ids[:6], conf.ids[6:]):
+        before = sorted(conf.mask_for(i).tobytes() for i in group)
+        assert sorted(shuffled.mask_for(i).tobytes() for i in group) == before
+
+
+def _confounders_of(n: int) -> Confounders:
+    preds, labels = {}, {}
+    for k in range(n):
+        pred = np.zeros((4, 4), np.uint8)
+        pred.flat[k % 16] = 1 + k % 2
+        preds[f"img_{k:02d}"] = pred
+        labels[f"img_{k:02d}"] = np.eye(2, dtype=np.uint8)[k % 2]
+    return build_confounders(
+        preds, labels, num_classes=2, size=(4, 4), class_names=["a", "b"], dataset="synth"
+    )
+
+
+def test_a_confounder_file_of_the_other_variant_is_refused(tmp_path):
+    conf = _confounders_of(4)
+    conf.save(tmp_path)
+    back = Confounders.load(
+        tmp_path, expected_dataset="synth", expected_num_classes=2, expected_context="calibrated"
+    )
+    assert back.context == "calibrated" and back.c_source == "pred"
+    with pytest.raises(
+        ConfounderError, match=r"conta.context='calibrated'.*conta.context=calibrated"
+    ):
+        Confounders.load(
+            tmp_path, expected_dataset="synth", expected_num_classes=2, expected_context="paper"
+        )
 
 
 # ---------------------------------------------------------------------------------- frame
@@ -223,7 +349,7 @@ def test_confounders_round_trip(tmp_path):
     np.testing.assert_allclose(back.mask_for("img_a"), [[0.5, 0], [0, 0]])
     assert back.masks.shape == (2, 2, 2) and back.masks.dtype == np.float32
     mod = back.context_module()
-    assert mod.confounders.shape == (2, 2, 2) and mod.proj_dim == 2
+    assert mod.confounders.shape == (2, 2, 2) and mod.proj_dim == 4  # calibrated: h*w
 
 
 def test_confounders_load_errors_name_the_file_and_fix(tmp_path):

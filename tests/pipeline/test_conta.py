@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from omegaconf import open_dict
 
+from src.datamodules import build_dataset
 from src.evaluate import evaluate
-from src.models.context import ConfounderError
+from src.models.context import ConfounderError, Confounders, resize_nearest
 from src.pipeline import driver
 from src.pipeline.artifacts import StageDir
 from src.pipeline.runtime import picked_config
@@ -32,17 +33,36 @@ def test_round_one_trains_the_classifier_with_the_round_zero_confounders(finishe
     # m for every train image (C) and every val image (the classifier's validation).
     assert len(conf["ids"]) == 24 + 8
     state = __import__("torch").load(run_dir / "round_1/train_cam/cam_net.pt", weights_only=True)
-    assert state["context.w1.weight"].shape == (n_fg, int(np.prod(cfg.conta.size)))
-    assert state["classifier.weight"].shape[1] == 256 + 1  # tiny ResNet features + M
+    hw = int(np.prod(cfg.conta.size))
+    assert state["context.w1.weight"].shape == (hw, hw)  # calibrated: identity-initialised
+    # M joins layer4's input (128 channels of the tiny ResNet) by default.
+    assert state["backbone.stage4.0.conv1.weight"].shape[1] == 128 + 1
+    assert state["classifier.weight"].shape[1] == 256
     assert "context.w1.weight" not in torch_load(run_dir / "round_0/train_cam/cam_net.pt")
     assert (run_dir / "round_1/make_cams/context_maps.png").stat().st_size > 1000
     assert (run_dir / "round_0/confounders/confounders.png").is_file()
     assert set(results["rounds"]) == {"0", "1"}
     for key in ("cam_miou", "pseudo_miou", "seg_miou", "seg_crf_miou"):
         assert 0 <= results["rounds"]["1"][key] <= 1
+    context = results["rounds"]["1"]["context"]
+    assert "context" not in results["rounds"]["0"]
+    assert 1 / n_fg <= context["alpha_max"] <= 1 and 0 <= context["alpha_entropy"] <= 1
+    assert context["m_spread"] >= 0 and context["m_logit_share"] >= 0
+    assert context["images"] == 24
+    # The tiny run's 4-step segmenter predicts (almost) only background: M is inert, and says so.
+    inert = (
+        context["alpha_entropy"] > 0.98
+        or context["m_spread"] < 0.01
+        or context["m_logit_share"] < 0.01
+    )
+    assert context["inert"] is inert
+    # ... and the same numbers reach the stage's loggers (CSV here; W&B gets the same call).
+    logged = next((run_dir / "round_1/train_cam/logs").rglob("metrics.csv")).read_text()
+    assert all(f"context/{k}" in logged for k in ("alpha_max", "m_spread", "m_logit_share"))
     assert (run_dir / "rounds.png").is_file()
     text = (run_dir / "results.md").read_text()
     assert "Δ r1−r0" in text and "supervised (synth_supervised)" in text
+    assert "## CONTA context map" in text and "alpha_max" in text
     assert results["upper_bound"]["seg_miou"] is not None
 
 
@@ -127,3 +147,87 @@ def test_eval_of_an_unfinished_round_says_what_to_run(finished_run, tmp_path):
         cfg.round, cfg.split, cfg.crf = 2, None, False
     with pytest.raises(FileNotFoundError, match="round 2.*train.py"):
         evaluate(cfg)
+
+
+def test_round_one_with_m_forced_to_zero_reproduces_round_zero(finished_run, tmp_path):
+    """Common random numbers: every stage draws the same seed in every round and the CONTA
+    parameters draw from their own generator, so with a zero M channel (conta.ablate=zero_m)
+    round 1 is round 0 again: CAMs, pseudo-masks and segmenter metrics."""
+    cfg = copy_run(finished_run, tmp_path)
+    with open_dict(cfg):
+        cfg.conta.ablate = "zero_m"
+    results = train(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    r0, r1 = run_dir / "round_0", run_dir / "round_1"
+    cams = sorted((r0 / "make_cams/cams").glob("*.npz"))
+    assert len(cams) == 24
+    for path in cams:
+        with np.load(path) as a, np.load(r1 / "make_cams/cams" / path.name) as b:
+            np.testing.assert_array_equal(a["keys"], b["keys"])
+            for key in ("cam", "high_res"):
+                np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=0)
+    masks = sorted((r0 / "make_pseudo_masks").rglob("*.png"))
+    assert len(masks) >= 24
+    for path in masks:
+        other = r1 / path.relative_to(r0)
+        assert path.read_bytes() == other.read_bytes(), path.name
+    rows = results["rounds"]
+    for key in ("cam_miou", "pseudo_miou", "seg_miou", "seg_crf_miou"):
+        assert rows["1"][key] == pytest.approx(rows["0"][key], abs=1e-6), key
+    assert rows["1"]["context"]["m_logit_share"] == 0.0  # and M reached nothing
+
+
+def test_a_different_m_changes_round_one(finished_run):
+    """The converse: with the live M the round-1 classifier is not round 0's."""
+    cfg, _ = finished_run
+    run_dir = Path(cfg.paths.run_dir)
+    a = torch_load(run_dir / "round_0/train_cam/cam_net.pt")
+    b = torch_load(run_dir / "round_1/train_cam/cam_net.pt")
+    assert not np.allclose(a["classifier.weight"].numpy(), b["classifier.weight"].numpy())
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("conta.context=dot", r"conta.context='dot'.*calibrated"),
+        ("conta.c_source=segmenter", r"conta.c_source='segmenter'.*pred"),
+        ("conta.m_source=random", r"conta.m_source='random'.*shuffled"),
+        ("conta.ablate=zero", r"conta.ablate='zero'.*zero_m"),
+    ],
+)
+def test_unknown_conta_switches_are_refused_before_any_stage(tmp_path, override, match):
+    cfg = compose_cfg(["experiment=synth_conta", override, *FAST], tmp_path)
+    with pytest.raises(ValueError, match=match):
+        driver.run_pipeline(cfg)
+    assert not (Path(cfg.paths.run_dir) / "round_0").exists()
+
+
+def test_gt_confounders_need_a_split_with_masks(tmp_path):
+    cfg = compose_cfg(["experiment=synth_conta", "conta.c_source=gt", *FAST], tmp_path)
+    with open_dict(cfg):
+        cfg.data.splits.train.masks = None
+    with pytest.raises(ValueError, match=r"c_source=gt.*'train'.*data.splits.train.masks"):
+        driver.run_pipeline(cfg)
+
+
+def test_gt_and_shuffled_confounders(finished_run, tmp_path):
+    """c_source=gt: C is the ground truth's class-average mask; m_source=shuffled: the same C,
+    every image another image's m. Only the confounders (and round 1) are redone."""
+    cfg = copy_run(finished_run, tmp_path)
+    with open_dict(cfg):
+        cfg.conta.c_source, cfg.round = "gt", 0
+    train(cfg)
+    path = Path(cfg.paths.run_dir) / "round_0/confounders"
+    gt = Confounders.load(path, expected_dataset="synth", expected_num_classes=6)
+    assert gt.c_source == "gt" and gt.m_source == "own"
+    dataset = build_dataset(cfg.data, cfg.data.train_split)
+    mask = resize_nearest(dataset.load_mask(0), cfg.conta.size)
+    np.testing.assert_array_equal(gt.mask_for(dataset.ids[0]), ((mask > 0) & (mask < 255)))
+    with open_dict(cfg):
+        cfg.conta.m_source = "shuffled"
+    train(cfg)
+    shuffled = Confounders.load(path, expected_dataset="synth", expected_num_classes=6)
+    np.testing.assert_array_equal(shuffled.centers, gt.centers)
+    assert shuffled.m_source == "shuffled"
+    moved = [not np.array_equal(shuffled.mask_for(i), gt.mask_for(i)) for i in dataset.ids]
+    assert np.mean(moved) > 0.5  # a derangement (two images may share an identical m)

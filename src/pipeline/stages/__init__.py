@@ -40,7 +40,15 @@ _AFFINITY_TRAINING = (
     "affinity.module.poly_power",
 )
 # Classifier settings that only exist from round 1 on (round 0 is the plain baseline).
-_CONTA_CLASSIFIER = ("conta.proj_dim", "conta.inject_at", "conta.post_concat_conv", "conta.init")
+_CONTA_CLASSIFIER = (
+    "conta.context",
+    "conta.temperature",
+    "conta.proj_dim",
+    "conta.inject_at",
+    "conta.post_concat_conv",
+    "conta.init",
+    "conta.ablate",
+)
 _SEGMENTER_TRAINING = (
     "data",
     "segmenter.labels",
@@ -138,7 +146,15 @@ STAGES: dict[str, Stage] = {
         Stage(
             CONFOUNDER_STAGE,
             make_confounders,
-            ("data.train_split", "conta.size", "conta.prior", "conta.mask_encoding"),
+            (
+                "data.train_split",
+                "conta.size",
+                "conta.prior",
+                "conta.mask_encoding",
+                "conta.context",
+                "conta.c_source",
+                "conta.m_source",
+            ),
             inputs=("train_segmenter",),
         ),
     ]

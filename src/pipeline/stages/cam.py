@@ -18,11 +18,13 @@ from src.datamodules.datamodule import collate_same_size
 from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
+from src.models.context import context_generator
 from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.runtime import build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.context import (
     FRAME_TARGETS,
+    context_diagnostics,
     context_figure,
     context_wrapper,
     previous_confounders,
@@ -37,15 +39,27 @@ WEIGHTS_FILE = "cam_net.pt"
 CAM_DIR = "cams"
 
 
-def build_cam_classifier(cfg: DictConfig, confounders: Confounders | None = None) -> CAMClassifier:
-    """IRNet's classifier; with the previous round's confounders, CONTA's (context module M)."""
-    context = None if confounders is None else confounders.context_module(cfg.conta.proj_dim)
+def build_cam_classifier(
+    cfg: DictConfig, confounders: Confounders | None = None, seed: int = 0
+) -> CAMClassifier:
+    """IRNet's classifier; with the previous round's confounders, CONTA's (context module M).
+
+    The backbone and class conv draw from the global RNG as in round 0; the CONTA parameters
+    from their own generator (``seed``), so rounds share their random numbers (see CAMNet)."""
+    backbone = instantiate(cfg.backbone)
+    context, generator = None, context_generator(seed)
+    if confounders is not None:
+        context = confounders.context_module(
+            cfg.conta.proj_dim, temperature=cfg.conta.temperature, generator=generator
+        )
     net = CAMNet(
-        instantiate(cfg.backbone),
+        backbone,
         num_classes=cfg.data.num_classes - 1,
         context=context,
         inject_at=cfg.conta.inject_at,
         post_concat_conv=cfg.conta.post_concat_conv,
+        generator=generator,
+        ablate_context=cfg.conta.ablate == "zero_m",
     )
     return CAMClassifier(
         net, **cfg.cam.optimizer, scales=list(cfg.cam.inference.scales), flip=cfg.cam.inference.flip
@@ -74,7 +88,7 @@ def train_cam(ctx: StageContext) -> StageResult:
         resize_long=cfg.cam.resize_long,
         **conta,
     )
-    module = build_cam_classifier(cfg, confounders)
+    module = build_cam_classifier(cfg, confounders, seed=ctx.seed)
     if confounders is not None and cfg.conta.init == "finetune":
         _load_previous_weights(module, ctx.previous["train_cam"] / WEIGHTS_FILE)
     elif cfg.conta.init not in ("reinit", "finetune"):
@@ -85,7 +99,17 @@ def train_cam(ctx: StageContext) -> StageResult:
         atomic_torch_save(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = module.effective_momentum
-    return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
+    if confounders is None or not trainer.is_global_zero:
+        return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
+    diagnostics = context_diagnostics(module, confounders, ctx)
+    metrics.update({f"context/{k}": v for k, v in diagnostics.items()})
+    return StageResult(
+        metrics=metrics,
+        artifacts=[WEIGHTS_FILE],
+        results=diagnostics,
+        prefix="context",
+        nested=True,
+    )
 
 
 def _load_previous_weights(module: CAMClassifier, weights: Path) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from omegaconf import DictConfig
 
 from src.callbacks.confounder_update import ConfounderUpdate
 from src.datamodules import build_dataset
 from src.evaluation.figures import overlay_grid
-from src.models.context import Confounders
-from src.pipeline.runtime import build_trainer, log_figure
+from src.models.context import Confounders, build_confounders, resize_nearest
+from src.pipeline.runtime import barrier, build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.segmenter import full_image_loader, load_trained_segmenter
 
@@ -20,38 +21,83 @@ log = logging.getLogger(__name__)
 
 def make_confounders(ctx: StageContext) -> StageResult:
     """C = class-wise average of the round's segmentation masks over the training images that
-    contain each class (full-image frame, resized to conta.size), P(c), and every image's m."""
+    contain each class (full-image frame, resized to conta.size), P(c), and every image's m.
+
+    ``conta.c_source=gt`` takes the ground-truth masks instead (the intervention's ceiling);
+    ``conta.m_source=shuffled`` gives every image another image's m (a control)."""
     cfg = ctx.cfg
-    module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
     train_set = build_dataset(cfg.data, cfg.data.train_split)
     class_names = list(train_set.class_names)[1:]
     # The val images get an m too (the classifier's validation reads it) but do not shape C.
-    splits = dict.fromkeys([cfg.data.train_split, cfg.data.val_split])
-    loader = full_image_loader(cfg, list(splits))
-    callback = ConfounderUpdate(
-        ctx.dir,
-        size=tuple(cfg.conta.size),
+    splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
+    options = dict(
         num_classes=cfg.data.num_classes - 1,
         class_names=class_names,
-        dataset_name=cfg.data.name,
         encoding=cfg.conta.mask_encoding,
         prior=cfg.conta.prior,
-        center_ids=train_set.ids,
+        context=cfg.conta.context,
     )
-    trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[callback])
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    confounders = callback.result  # built and saved on rank 0 only
+    if cfg.conta.c_source == "gt":
+        confounders = None
+        if is_global_zero():
+            confounders = _shuffled(_from_ground_truth(cfg, splits, options), cfg, splits)
+            confounders.save(ctx.dir)
+        barrier()
+    else:
+        module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
+        callback = ConfounderUpdate(
+            ctx.dir,
+            size=tuple(cfg.conta.size),
+            dataset_name=cfg.data.name,
+            center_ids=train_set.ids,
+            transform=lambda c: _shuffled(c, cfg, splits),
+            **options,
+        )
+        trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[callback])
+        trainer.predict(
+            module, dataloaders=full_image_loader(cfg, splits), return_predictions=False
+        )
+        confounders = callback.result  # built and saved on rank 0 only
     if confounders is None:
         return StageResult(metrics={}, artifacts=[])
     figure = _confounder_figure(confounders, ctx)
     log_figure(ctx.loggers, "conta/confounders", figure)
     metrics = {
         "images": len(confounders.ids),
+        "c_source": confounders.c_source,
+        "m_source": confounders.m_source,
         "counts": dict(zip(class_names, confounders.counts.tolist(), strict=True)),
         "prior": dict(zip(class_names, confounders.prior.tolist(), strict=True)),
         "mean_mask": float(confounders.masks.mean()),
     }
     return StageResult(metrics=metrics, artifacts=["confounders.npz", figure.name])
+
+
+def _from_ground_truth(cfg: DictConfig, splits: list[str], options: dict) -> Confounders:
+    """C and m from every image's ground-truth mask (255 = ignore counts as background)."""
+    small, labels = {}, {}
+    for split in splits:
+        dataset = build_dataset(cfg.data, split)
+        for i, image_id in enumerate(dataset.ids):
+            small[image_id] = resize_nearest(dataset.load_mask(i), cfg.conta.size)
+            labels[image_id] = dataset.labels[i]
+    train_ids = build_dataset(cfg.data, cfg.data.train_split).ids
+    return build_confounders(
+        small,
+        labels,
+        size=tuple(cfg.conta.size),
+        dataset=cfg.data.name,
+        center_ids=set(train_ids),
+        c_source="gt",
+        **options,
+    )
+
+
+def _shuffled(confounders: Confounders, cfg: DictConfig, splits: list[str]) -> Confounders:
+    if cfg.conta.m_source != "shuffled":
+        return confounders
+    groups = [build_dataset(cfg.data, split).ids for split in splits]
+    return confounders.with_shuffled_masks(groups, seed=cfg.seed)
 
 
 def _confounder_figure(confounders: Confounders, ctx: StageContext):
