@@ -43,8 +43,9 @@ bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segm
 	$(PY) bench/random_walk.py
 	$(PY) bench/crf.py
 
-bench-conta: install ## CONTA vs baseline over 3 seeds + ablations (long: ~1 h on 2 cores)
-	$(PY) bench/conta_vs_baseline.py --jobs 2
+bench-conta: install ## CONTA vs baseline, 3 seeds, layout (+ paper/gt C/shuffled m/zero M) and texture (+ paper) confounders (long)
+	$(PY) bench/conta_vs_baseline.py --confounder layout --jobs 2 --ablations paper gt_c shuffled_m zero_m
+	$(PY) bench/conta_vs_baseline.py --confounder texture --jobs 2 --ablations paper
 
 clean-outputs: ## Remove run outputs (outputs/)
 	rm -rf outputs

@@ -90,11 +90,23 @@ def test_conta_paper_settings(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
     assert cfg.round == 3 and cfg.stages[-1] == "confounders"
     assert list(cfg.conta.size) == [32, 32] and cfg.conta.prior == "uniform"
-    assert (cfg.conta.inject_at, cfg.conta.post_concat_conv, cfg.conta.init) == (
-        "layer4_out",
+    # The live module at the last block's input (see conf/conta/default.yaml); the paper's
+    # literal Eq. 3 after layer4 is one override away, for the ablation.
+    assert (cfg.conta.context, cfg.conta.inject_at, cfg.conta.post_concat_conv) == (
+        "calibrated",
+        "layer4_in",
         "none",
-        "reinit",
     )
+    assert (cfg.conta.init, cfg.conta.c_source, cfg.conta.m_source, cfg.conta.ablate) == (
+        "reinit",
+        "pred",
+        "own",
+        "none",
+    )
+    paper = compose_cfg(
+        [f"experiment={experiment}", "conta.context=paper", "conta.inject_at=layer4_out"]
+    )
+    assert (paper.conta.context, paper.conta.inject_at) == ("paper", "layer4_out")
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu"])

@@ -3,9 +3,10 @@
 Positive control: a set where the class is decided only by where the object's mask lies and the
 pixels carry no information at all (the same picture for every image). A classifier without M
 must stay at chance; with C and m from the ground-truth masks (conta.c_source=gt) the CONTA
-classifier must learn the task through M alone. Measured (8 epochs, 128 test images): no M 0.5,
-calibrated module at layer4_in 1.0, paper module 0.46, shuffled m 0.5, calibrated at
-layer4_out 0.5 without a post conv and 1.0 with a 1x1 one.
+classifier must learn the task through M alone. Measured (8 epochs, 128 test images of which
+46 % are of one class): calibrated module at layer4_in 1.0, calibrated at layer4_out 1.0 with a
+1x1 post conv; no M, the paper module, shuffled m and layer4_out without a post conv 0.46, a
+constant answer.
 """
 
 from __future__ import annotations

@@ -203,8 +203,8 @@ def context_figure(module, dataset, confounders: Confounders, ctx: StageContext)
         ["background", *confounders.class_names],
         ctx.dir / "context_maps.png",
         title=(
-            f"round {ctx.round}: mask encoding m and context map M "
-            f"(conta.context={confounders.context}; M from {lo:.4g} to {hi:.4g} on one scale)"
+            f"round {ctx.round}: m and M (conta.context={confounders.context})\n"
+            f"M on one scale for all rows: {lo:.3g} to {hi:.3g}"
         ),
     )
     log_figure(ctx.loggers, "conta/context_maps", figure)
