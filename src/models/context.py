@@ -55,7 +55,6 @@ class ConfounderError(ValueError):
 
 
 CONTEXT_VARIANTS = ("calibrated", "paper")
-ContextVariant = Literal["calibrated", "paper"]
 
 
 @contextmanager
@@ -172,9 +171,10 @@ class CalibratedContextModule(ContextModule):
     Same definition (alpha over the n confounders, M a prior-weighted mix of the c_i, one channel
     concatenated to the backbone); each change answers a measurement of the paper module:
 
-    * cosine attention: alpha = softmax(tau * cos(W1 m, W2 c_i)). The paper's dot product of
-      two N(0, 0.02) projections is ~1e-4, so every alpha sat at 1/n and each projection got
-      almost no gradient through the other; a cosine is scale-free and of order 1 at init.
+    * cosine attention: alpha = softmax(tau * cos(W1 m, W2 c_i)). The paper's score is a dot
+      product of two N(0, 0.02) projections: every alpha sat within 1 % of 1/n, and each
+      projection gets almost no gradient through the other; a cosine is scale-free and of
+      order 1 at init.
     * W1 = W2 = identity at init (d = h*w unless ``proj_dim``; a shared scaled orthonormal
       projection when d < h*w), so at init alpha ranks the confounders by how well each c_i
       overlaps the image's own mask, and learning refines that instead of starting from noise.
