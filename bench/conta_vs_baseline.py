@@ -113,18 +113,18 @@ def paired_gain(a: list[float], b: list[float]) -> tuple[float, float, float, fl
     return float(diff.mean()), sd, half, p
 
 
+def mean_std(values: list[float | None], scale: float = 100, digits: int = 1) -> str:
+    """mean ± std over seeds; fractions as % by default."""
+    vals = [scale * v for v in values if v is not None]
+    if not vals:
+        return "–"
+    sd = np.std(vals, ddof=1) if len(vals) > 1 else 0.0
+    return f"{np.mean(vals):.{digits}f} ± {sd:.{digits}f}"
+
+
 def ctx_mean_std(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "–"
-    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.3f}"
-
-
-def mean_std(values: list[float | None]) -> str:
-    vals = [100 * v for v in values if v is not None]
-    if not vals:
-        return "–"
-    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.1f}"
+    """The context diagnostics are ratios, shown as they are."""
+    return mean_std(values, scale=1, digits=3)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -110,13 +110,13 @@ class ContextModule(nn.Module):
             self.w1 = nn.Linear(h * w, self.proj_dim, bias=self.projection_bias)
             self.w2 = nn.Linear(h * w, self.proj_dim, bias=self.projection_bias)
         # Never the global generator: see own_random_stream.
-        self.reset_parameters(generator if generator is not None else context_generator(0))
+        self._init_parameters(generator if generator is not None else context_generator(0))
 
     @staticmethod
     def default_proj_dim(n: int, hw: int) -> int:
         return n
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def _init_parameters(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
             for lin in (self.w1, self.w2):  # VC R-CNN / CONTA m_t.py init
                 lin.weight.normal_(0.0, 0.02, generator=generator)
@@ -206,17 +206,15 @@ class CalibratedContextModule(ContextModule):
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"conta.temperature={temperature} must be > 0")
+        # Set before super().__init__, whose _init_parameters creates tau and the gain from it.
         self._temperature0 = float(temperature)
         super().__init__(confounders, prior, proj_dim, generator)
-        centers = self.confounders
-        self.register_buffer("center_mean", centers.mean().reshape(()))
-        self.register_buffer("center_std", centers.std().clamp_min(1e-3).reshape(()))
 
     @staticmethod
     def default_proj_dim(n: int, hw: int) -> int:
         return hw
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def _init_parameters(self, generator: torch.Generator | None = None) -> None:
         hw = self.size[0] * self.size[1]
         with torch.no_grad():
             if self.proj_dim == hw:
@@ -227,12 +225,8 @@ class CalibratedContextModule(ContextModule):
                 basis = basis[: self.proj_dim] * math.sqrt(hw / self.proj_dim)
             for lin in (self.w1, self.w2):
                 lin.weight.copy_(basis)
-        if not hasattr(self, "gain"):
-            self.log_temperature = nn.Parameter(torch.empty(()))
-            self.gain = nn.Parameter(torch.empty(()))
-        with torch.no_grad():
-            self.log_temperature.fill_(math.log(self._temperature0))
-            self.gain.fill_(1.0)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(self._temperature0)))
+        self.gain = nn.Parameter(torch.tensor(1.0))
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -249,7 +243,8 @@ class CalibratedContextModule(ContextModule):
         return weights @ self.confounders.flatten(1).to(alpha.dtype)
 
     def channel(self, context_map: torch.Tensor) -> torch.Tensor:
-        return self.gain * (context_map - self.center_mean) / self.center_std
+        centers = self.confounders
+        return self.gain * (context_map - centers.mean()) / centers.std().clamp_min(1e-3)
 
 
 def build_context_module(
@@ -625,6 +620,11 @@ class Confounders:
                 "to match."
             )
         built_for = meta.get("context", "paper")  # files before the variants were paper's
+        if built_for not in CONTEXT_VARIANTS:
+            raise ConfounderError(
+                f"{path} names an unknown context variant {built_for!r} (known: "
+                f"{list(CONTEXT_VARIANTS)}). {rebuild}."
+            )
         if expected_context is not None and built_for != expected_context:
             raise ConfounderError(
                 f"{path} was built for conta.context={built_for!r}, this run uses "

@@ -1,3 +1,4 @@
+import json
 import logging
 import math
 
@@ -384,3 +385,18 @@ def test_mask_for_unknown_id_and_dataset_wrapper():
     sample = ds[1]
     assert sample["context_mask"].dtype == torch.float32
     torch.testing.assert_close(sample["context_mask"], torch.tensor([[0.0, 1], [1, 1]]))
+
+
+def test_a_confounder_file_naming_an_unknown_variant_is_refused(tmp_path):
+    """The variant read from the file is checked against the known ones before anything is
+    built from it."""
+    _confounders_of(4).save(tmp_path)
+    path = tmp_path / CONFOUNDERS_FILE
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["context"] = "builtins.open"
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    with pytest.raises(ConfounderError, match="unknown context variant 'builtins.open'"):
+        Confounders.load(tmp_path, expected_dataset="synth", expected_num_classes=2)

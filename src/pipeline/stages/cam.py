@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from src.callbacks.prediction_writer import NpzPredictionWriter
-from src.datamodules import WSSSDataModule, build_dataset, eval_transform
+from src.datamodules import WSSSDataModule, build_dataset
 from src.datamodules.datamodule import collate_same_size
 from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
@@ -24,6 +24,7 @@ from src.pipeline.runtime import build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.context import (
     FRAME_TARGETS,
+    classifier_inference_set,
     context_diagnostics,
     context_figure,
     context_wrapper,
@@ -143,17 +144,9 @@ def make_cams(ctx: StageContext) -> StageResult:
     confounders = previous_confounders(ctx)
     module = load_cam_classifier(cfg, ctx.inputs["train_cam"], confounders)
     out_dir = ctx.dir / CAM_DIR
-    extras = {} if confounders is None else FRAME_TARGETS
-    dataset = build_dataset(
-        cfg.data,
-        cfg.data.train_split,
-        eval_transform(cfg.data.mean, cfg.data.std, {k: e.kind for k, e in extras.items()}),
-        extras={k: e.load for k, e in extras.items()},
-    )
-    if confounders is not None:
-        dataset = context_wrapper(confounders)(dataset)
-        if is_global_zero():
-            context_figure(module, dataset, confounders, ctx)
+    dataset = classifier_inference_set(cfg, confounders)
+    if confounders is not None and is_global_zero():
+        context_figure(module, dataset, confounders, ctx)
     todo = [
         i for i, image_id in enumerate(dataset.ids) if not (out_dir / f"{image_id}.npz").is_file()
     ]

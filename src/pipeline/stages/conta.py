@@ -26,10 +26,12 @@ def make_confounders(ctx: StageContext) -> StageResult:
     ``conta.c_source=gt`` takes the ground-truth masks instead (the intervention's ceiling);
     ``conta.m_source=shuffled`` gives every image another image's m (a control)."""
     cfg = ctx.cfg
-    train_set = build_dataset(cfg.data, cfg.data.train_split)
-    class_names = list(train_set.class_names)[1:]
     # The val images get an m too (the classifier's validation reads it) but do not shape C.
-    splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
+    datasets = {s: build_dataset(cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split)}
+    train_set = datasets[cfg.data.train_split]
+    splits = list(datasets)
+    class_names = list(train_set.class_names)[1:]
+    split_ids = [d.ids for d in datasets.values()]
     options = dict(
         num_classes=cfg.data.num_classes - 1,
         class_names=class_names,
@@ -40,7 +42,7 @@ def make_confounders(ctx: StageContext) -> StageResult:
     if cfg.conta.c_source == "gt":
         confounders = None
         if is_global_zero():
-            confounders = _shuffled(_from_ground_truth(cfg, splits, options), cfg, splits)
+            confounders = _shuffled(_from_ground_truth(cfg, datasets, options), cfg, split_ids)
             confounders.save(ctx.dir)
         barrier()
     else:
@@ -50,7 +52,7 @@ def make_confounders(ctx: StageContext) -> StageResult:
             size=tuple(cfg.conta.size),
             dataset_name=cfg.data.name,
             center_ids=train_set.ids,
-            transform=lambda c: _shuffled(c, cfg, splits),
+            transform=lambda c: _shuffled(c, cfg, split_ids),
             **options,
         )
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[callback])
@@ -73,31 +75,28 @@ def make_confounders(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, artifacts=["confounders.npz", figure.name])
 
 
-def _from_ground_truth(cfg: DictConfig, splits: list[str], options: dict) -> Confounders:
+def _from_ground_truth(cfg: DictConfig, datasets: dict, options: dict) -> Confounders:
     """C and m from every image's ground-truth mask (255 = ignore counts as background)."""
     small, labels = {}, {}
-    for split in splits:
-        dataset = build_dataset(cfg.data, split)
+    for dataset in datasets.values():
         for i, image_id in enumerate(dataset.ids):
             small[image_id] = resize_nearest(dataset.load_mask(i), cfg.conta.size)
             labels[image_id] = dataset.labels[i]
-    train_ids = build_dataset(cfg.data, cfg.data.train_split).ids
     return build_confounders(
         small,
         labels,
         size=tuple(cfg.conta.size),
         dataset=cfg.data.name,
-        center_ids=set(train_ids),
+        center_ids=set(datasets[cfg.data.train_split].ids),
         c_source="gt",
         **options,
     )
 
 
-def _shuffled(confounders: Confounders, cfg: DictConfig, splits: list[str]) -> Confounders:
+def _shuffled(confounders: Confounders, cfg: DictConfig, split_ids: list) -> Confounders:
     if cfg.conta.m_source != "shuffled":
         return confounders
-    groups = [build_dataset(cfg.data, split).ids for split in splits]
-    return confounders.with_shuffled_masks(groups, seed=cfg.seed)
+    return confounders.with_shuffled_masks(split_ids, seed=cfg.seed)
 
 
 def _confounder_figure(confounders: Confounders, ctx: StageContext):

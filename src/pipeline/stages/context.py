@@ -103,15 +103,17 @@ def context_wrapper(confounders: Confounders):
     return wrap
 
 
-def _context_eval_set(cfg: DictConfig, confounders: Confounders):
-    """The training images at the evaluation transform, with their frame and m."""
+def classifier_inference_set(cfg: DictConfig, confounders: Confounders | None):
+    """The training images at the evaluation transform; with confounders, also each image's
+    frame map and m (what a CONTA classifier reads)."""
+    extras = {} if confounders is None else FRAME_TARGETS
     dataset = build_dataset(
         cfg.data,
         cfg.data.train_split,
-        eval_transform(cfg.data.mean, cfg.data.std, {k: e.kind for k, e in FRAME_TARGETS.items()}),
-        extras={k: e.load for k, e in FRAME_TARGETS.items()},
+        eval_transform(cfg.data.mean, cfg.data.std, {k: e.kind for k, e in extras.items()}),
+        extras={k: e.load for k, e in extras.items()},
     )
-    return context_wrapper(confounders)(dataset)
+    return dataset if confounders is None else context_wrapper(confounders)(dataset)
 
 
 @torch.no_grad()
@@ -137,13 +139,12 @@ def context_diagnostics(module, confounders: Confounders, ctx: StageContext) -> 
     ``context_statistics``) and m_logit_share. Logs a warning when M is inert."""
     cfg = ctx.cfg
     net = module.net.eval()
-    dataset = _context_eval_set(cfg, confounders)
+    dataset = classifier_inference_set(cfg, confounders)
     limit = int(cfg.conta.diagnostic_images)
     keep = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int))
     ids = [dataset.ids[i] for i in keep]
     masks = torch.from_numpy(np.stack([confounders.mask_for(i) for i in ids]))
-    device = next(net.parameters()).device
-    stats = context_statistics(net.context.to(device), masks.to(device))
+    stats = context_statistics(net.context, masks.to(next(net.parameters()).device))
     loader = DataLoader(
         Subset(dataset, keep.tolist()),
         batch_size=cfg.cam.inference.batch_size,
