@@ -1,13 +1,19 @@
 """The experiment that shows the method: synth_conta over several seeds, per round, plus variants.
 
-    python bench/conta_vs_baseline.py [--confounder layout|texture|both] [--seeds 0 1 2]
-                                      [--rounds 2] [--ablation-rounds 1]
+    python bench/conta_vs_baseline.py [--data synth] [--confounder layout|texture|both]
+                                      [--seeds 0 1 2 3 4] [--rounds 1] [--ablation-rounds 1]
                                       [--ablations paper gt_c shuffled_m ...] [--jobs 2]
-                                      [key=value ...]
+                                      [--name RUN] [key=value ...]
 
-Every run is `python train.py experiment=synth_conta seed=S round=T
-data.generator.confounder=C` (finished stages are skipped, so re-running the script only
-computes what is missing; runs are named synth_conta_<confounder>). Variants are separate runs
+Every run is `python train.py experiment=synth_conta data=D seed=S round=T` (plus
+`data.generator.confounder=C` for a generated set; finished stages are skipped, so re-running the
+script only computes what is missing). Runs are named conta_bench_<data>[_<confounder>], or
+--name. Any data config works, e.g. your own VOC-layout folder:
+
+    python bench/conta_vs_baseline.py --data voc --name mine data.root=/path/to/VOCdevkit/VOC2012
+
+(the CPU recipes of synth_conta on your images; context-leakage rows appear only where the
+split configs name context maps, `data.splits.<split>.context`). Variants are separate runs
 (experiment_name=<run>_<variant>) that start from a copy of the seed's round 0: its stages carry
 the same config hashes (every stage's seed is the same in every round), so the driver reuses
 them and redoes only what the variant changes (the confounders for source / prior / encoding
@@ -15,9 +21,12 @@ variants, rounds >= 1 for all).
 
 Prints, per round, mean ± std over seeds of CAM, pseudo-mask, seg and seg+CRF mIoU, context
 leakage, the error decomposition of the pseudo-masks and the context diagnostics (is M alive?);
-the CONTA gain (round T - round 0) paired across seeds with its 95 % CI and a paired t-test; and
-each variant's round-`--ablation-rounds` numbers and gain next to the default's. Writes the same
-tables to outputs/bench/conta_vs_baseline_<confounder>.md.
+the CONTA gain (round T - round 0) paired across seeds with its 95 % CI, a paired t-test and the
+minimum detectable effect (MDE: the smallest true gain this many seeds would detect with 80 %
+power at the 5 % level, given the measured spread); and each variant's round-`--ablation-rounds`
+numbers and gain next to the default's. Primary endpoints: pseudo-mask mIoU and context leakage
+on train; secondary: seg and seg+CRF on val. Writes the same tables to
+outputs/bench/conta_vs_baseline_<run>.md.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 EXPERIMENT = "synth_conta"
+PRIMARY = ("pseudo_miou", "pseudo_context_leakage")
+POWER = 0.8
 ABLATIONS = {
     # The paper-literal module where the author puts it: the ablation of our calibration.
     "paper": ["conta.context=paper", "conta.inject_at=layer4_out"],
@@ -82,11 +93,20 @@ def run_train(args: list[str], threads: int, log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
 
 
-def run_name(confounder: str) -> str:
+def run_name(data: str, confounder: str | None) -> str:
     """The bench's own runs, never `make train`'s (synth_conta): CPU results are bit-exact only
     at one thread count (OMP_NUM_THREADS), and a variant compared with a round 0 computed at
     another one differs by float rounding amplified through training, not by M alone."""
-    return f"{EXPERIMENT}_{confounder}"
+    return f"conta_bench_{data}" + (f"_{confounder}" if confounder else "")
+
+
+def generated(data: str) -> bool:
+    """Whether data config `data` is a generated set (has `generator`, so a confounder)."""
+    path = ROOT / "conf" / "data" / f"{data}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--data {data}: no conf/data/{data}.yaml; use one of the data configs")
+    text = path.read_text()
+    return "generator:" in text or "- synth" in text
 
 
 def rounds_of(name: str, seed: int) -> dict:
@@ -113,6 +133,16 @@ def paired_gain(a: list[float], b: list[float]) -> tuple[float, float, float, fl
     return float(diff.mean()), sd, half, p
 
 
+def min_detectable_effect(sd: float, n: int, power: float = POWER) -> float:
+    """Smallest true paired gain (points) a two-sided 5 % t-test on n seeds detects with
+    probability `power`, for a per-seed difference spread `sd` (normal approximation of the
+    noncentral t: (t_0.975 + t_power) * sd / sqrt(n))."""
+    if n < 2:
+        return float("nan")
+    df = n - 1
+    return float((stats.t.ppf(0.975, df) + stats.t.ppf(power, df)) * sd / np.sqrt(n))
+
+
 def mean_std(values: list[float | None], scale: float = 100, digits: int = 1) -> str:
     """mean ± std over seeds; fractions as % by default."""
     vals = [scale * v for v in values if v is not None]
@@ -132,17 +162,26 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def keys() -> list[tuple[str, str]]:
-    return METRICS + [(f"{a} pseudo", f"pseudo_err_{k}") for a, k in ERRORS]
+def keys(results: dict[int, dict] | None = None) -> list[tuple[str, str]]:
+    """The metric columns; with `results`, only those some run reports (no leakage columns on a
+    data set without context maps)."""
+    every = METRICS + [(f"{a} pseudo", f"pseudo_err_{k}") for a, k in ERRORS]
+    if results is None:
+        return every
+    rows = [row for res in results.values() for row in res.values()]
+    return [(n, k) for n, k in every if any(value(row, k) is not None for row in rows)]
 
 
 def per_round_table(results: dict[int, dict], n_rounds: int) -> str:
-    headers = ["Round", *[name for name, _ in keys()]]
+    headers = ["Round", *[name for name, _ in keys(results)]]
     rows = []
     for r in range(n_rounds + 1):
         rows.append(
             [str(r)]
-            + [mean_std([value(res[str(r)], k) for res in results.values()]) for _, k in keys()]
+            + [
+                mean_std([value(res[str(r)], k) for res in results.values()])
+                for _, k in keys(results)
+            ]
         )
     return table(headers, rows)
 
@@ -158,9 +197,9 @@ def context_table(results: dict[int, dict], n_rounds: int) -> str:
 
 
 def gain_table(results: dict[int, dict], last: int) -> str:
-    headers = ["Metric", "round 0", f"round {last}", "gain (pts)", "95 % CI", "p"]
+    headers = ["Metric", "round 0", f"round {last}", "gain (pts)", "95 % CI", "p", "MDE (80 %)"]
     rows = []
-    for name, key in keys():
+    for name, key in keys(results):
         a = [value(res["0"], key) for res in results.values()]
         b = [value(res[str(last)], key) for res in results.values()]
         if any(v is None for v in a + b):
@@ -168,12 +207,13 @@ def gain_table(results: dict[int, dict], last: int) -> str:
         mean, sd, half, p = paired_gain(a, b)
         rows.append(
             [
-                name,
+                f"**{name}**" if key in PRIMARY else name,
                 mean_std(a),
                 mean_std(b),
                 f"{mean:+.1f} ± {sd:.1f}",
                 f"[{mean - half:+.1f}, {mean + half:+.1f}]",
                 f"{p:.3f}",
+                f"{min_detectable_effect(sd, len(a)):.1f}",
             ]
         )
     return table(headers, rows)
@@ -188,6 +228,8 @@ def ablation_table(base: dict[int, dict], ablations: dict[str, dict[int, dict]],
         ("Leak pseudo", "pseudo_context_leakage"),
     ]
     gains = [("Pseudo", "pseudo_miou"), ("Leak pseudo", "pseudo_context_leakage")]
+    reported = set(keys(base))
+    cols, gains = [c for c in cols if c in reported], [g for g in gains if g in reported]
     headers = [
         f"Variant (round {r})",
         *[n for n, _ in cols],
@@ -224,9 +266,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--confounder", default="layout", choices=["layout", "texture", "both"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=2, help="T of the main runs")
+    parser.add_argument("--data", default="synth", help="a conf/data config (synth, voc, ...)")
+    parser.add_argument(
+        "--confounder",
+        default="layout",
+        choices=["layout", "texture", "both"],
+        help="generated sets only (data configs with a generator)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rounds", type=int, default=1, help="T of the main runs")
     parser.add_argument("--ablation-rounds", type=int, default=1)
     parser.add_argument(
         "--ablations",
@@ -235,15 +283,18 @@ def main() -> None:
         choices=list(ABLATIONS),
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads split)")
+    parser.add_argument("--name", help="run name (default conta_bench_<data>[_<confounder>])")
     parser.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = parser.parse_args()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     logs = OUTPUTS / "bench" / "logs"
-    base = run_name(args.confounder)
+    confounder = args.confounder if generated(args.data) else None
+    base = args.name or run_name(args.data, confounder)
     common = [
         f"experiment={EXPERIMENT}",
+        f"data={args.data}",
         f"experiment_name={base}",
-        f"data.generator.confounder={args.confounder}",
+        *([f"data.generator.confounder={confounder}"] if confounder else []),
         "upper_bound=null",
         *args.overrides,
     ]
@@ -277,9 +328,9 @@ def main() -> None:
 
     results = {s: rounds_of(base, s) for s in args.seeds}
     ablations = {a: {s: rounds_of(f"{base}_{a}", s) for s in args.seeds} for a in args.ablations}
+    on = f"data={args.data}" + (f", confounder={confounder}" if confounder else "")
     parts = [
-        f"# CONTA vs the IRNet baseline on the synthetic set, confounder={args.confounder} "
-        f"(seeds {args.seeds}, mean ± std, %)",
+        f"# CONTA vs the IRNet baseline, {on} (seeds {args.seeds}, mean ± std, %)",
         "",
         "## Per round",
         per_round_table(results, args.rounds),
@@ -294,7 +345,7 @@ def main() -> None:
         parts += ["", "## Variants", ablation_table(results, ablations, args.ablation_rounds)]
     text = "\n".join(parts) + "\n"
     print(text)
-    out = OUTPUTS / "bench" / f"conta_vs_baseline_{args.confounder}.md"
+    out = OUTPUTS / "bench" / f"conta_vs_baseline_{base}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written to {out}")

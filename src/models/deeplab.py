@@ -98,10 +98,14 @@ def msc_logits(
 
 
 def msc_loss(
-    logits_list: Sequence[torch.Tensor], target: torch.Tensor, ignore_index: int = 255
+    logits_list: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    ignore_index: int = 255,
+    class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of every MSC output against the label map (B, H, W) resized to its size with
-    nearest neighbour, summed over the outputs (deeplab-pytorch)."""
+    nearest neighbour, summed over the outputs (deeplab-pytorch); `class_weight` (C,) weighs
+    each pixel by its class (see `balanced_class_weights`)."""
     target = target.long()
     total = 0.0
     for logit in logits_list:
@@ -109,8 +113,30 @@ def msc_loss(
         t = target
         if t.shape[-2:] != size:
             t = F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        total = total + F.cross_entropy(logit, t, ignore_index=ignore_index)
+        total = total + F.cross_entropy(logit, t, weight=class_weight, ignore_index=ignore_index)
     return total
+
+
+CLASS_BALANCE = ("none", "inverse_sqrt")
+
+
+def balanced_class_weights(pixel_counts: Sequence[int], mode: str = "inverse_sqrt") -> torch.Tensor:
+    """Per-class loss weights from the training labels' pixel counts. `inverse_sqrt`: w_c ∝
+    1/sqrt(f_c), scaled so that the average pixel keeps weight 1 (sum_c f_c w_c = 1), so the loss
+    and the tuned lr keep their scale; classes without pixels get 1 (they never occur). `none`:
+    all ones. Why: objects of a few % of the image let a from-scratch segmenter settle on
+    background everywhere (measured on small-object sets, see the segmenter config)."""
+    if mode not in CLASS_BALANCE:
+        raise ValueError(f"segmenter.class_balance={mode!r}: use one of {CLASS_BALANCE}")
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    if mode == "none" or counts.sum() <= 0:
+        return torch.ones(len(counts), dtype=torch.float32)
+    freq = counts / counts.sum()
+    present = freq > 0
+    weight = torch.ones_like(freq)
+    weight[present] = freq[present].rsqrt()
+    weight[present] /= (freq[present] * weight[present]).sum()
+    return weight.float()
 
 
 class SegmenterModule(L.LightningModule):
@@ -131,10 +157,14 @@ class SegmenterModule(L.LightningModule):
         scales: Sequence[float] = (1.0, 0.75, 0.5),
         label_key: str = "mask",
         ignore_index: int = 255,
+        class_weight: Sequence[float] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "class_weight"])
         self.net = net
+        # A buffer: moves with the module, saved in Lightning's checkpoint for an honest resume.
+        weight = torch.ones(num_classes) if class_weight is None else torch.as_tensor(class_weight)
+        self.register_buffer("class_weight", weight.float(), persistent=True)
         self.val_metric = SegmentationMetric(num_classes, ignore_index=ignore_index)
         # Set by the stage that needs them (the CRF step): stride-8 logits in predict outputs.
         self.predict_logits = False
@@ -145,7 +175,9 @@ class SegmenterModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = msc_logits(self.net, batch["image"], self.hparams.scales, training=True)
-        loss = msc_loss(logits, batch[self.hparams.label_key], self.hparams.ignore_index)
+        loss = msc_loss(
+            logits, batch[self.hparams.label_key], self.hparams.ignore_index, self.class_weight
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 

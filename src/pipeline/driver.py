@@ -71,6 +71,15 @@ def check_stages(cfg: DictConfig) -> list[Stage]:
                 f"stage {stage.name} needs {missing} earlier in `stages` (got {list(cfg.stages)})"
             )
         seen.add(stage.name)
+    # train_cam is an optional input of train_segmenter; backbone_init=cam makes it required.
+    names = list(cfg.stages)
+    segmenter_init = OmegaConf.select(cfg, "segmenter.backbone_init")
+    if "train_segmenter" in names and segmenter_init == "cam" and "train_cam" not in names:
+        raise PipelineError(
+            "segmenter.backbone_init=cam starts the segmenter from this round's classifier, but "
+            f"train_cam is not in `stages` ({names}). Fix: add train_cam before train_segmenter, "
+            "or set segmenter.backbone_init=pretrained."
+        )
     return stages
 
 

@@ -1,5 +1,5 @@
 """The synthetic set: layout, determinism, the context and layout confounders, the co-occurring
-pair."""
+pair, and the options for sets off the home set (object_area, num_classes, label_ids)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from src.datamodules.coco import COCOSegmentation
-from src.datamodules.datamodule import prepare_data
+from src.datamodules.datamodule import build_dataset, prepare_data
 from src.datamodules.palette import VOC_PALETTE, read_label_png
 from src.datamodules.synthetic import (
+    ALL_CLASSES,
+    ALL_COCO_CATEGORY_IDS,
+    ALL_CONTEXTS,
+    ALL_HOME_LAYOUT,
     COCO_CATEGORY_IDS,
     HOME_CONTEXT,
     HOME_LAYOUT,
+    MAX_CLASSES,
     PAIR,
     SYNTH_CLASSES,
     SYNTH_CONTEXTS,
@@ -28,6 +33,7 @@ from src.datamodules.synthetic import (
 )
 from src.datamodules.validation import DatasetError
 from src.datamodules.voc import VOCSegmentation
+from tests.conftest import compose_cfg
 
 from .conftest import TINY
 
@@ -402,3 +408,222 @@ def test_config_selects_layout_with_one_folder_per_confounder(synth_cfg, tmp_pat
     prepare_data(synth_cfg)
     meta = json.loads((tmp_path / "synth_layout" / "meta.json").read_text())
     assert meta["generator"]["confounder"] == "layout"
+
+
+# -- off the home set: object_area, num_classes, label_ids -------------------------------------
+def _values(root: Path, folder: str) -> set[int]:
+    return {
+        int(v) for p in sorted((root / folder).glob("*.png")) for v in np.unique(read_label_png(p))
+    }
+
+
+@pytest.mark.parametrize(
+    ("confounder", "digest"),
+    [
+        ("layout", "824d75f9d2098be5149cb1a88ac59a36c031051e4c0481937f31c9745f6f5608"),
+        ("both", "2dcf762dbf4860e56b230d9d61110177bb7bf2fe3e25c339ffe9fdcdcacd08bb"),
+    ],
+)
+def test_layout_samples_are_unchanged(confounder: str, digest: str):
+    """As test_texture_samples_are_unchanged, for layout / both: the digests were taken before
+    object_area, num_classes and label_ids existed; their defaults must not move them."""
+    sha = hashlib.sha256()
+    for i in range(8):
+        s = render_image(np.random.default_rng([0, 0, i]), 64, 0.9, 0.7, confounder)
+        for key in ("image", "mask", "context", "instances"):
+            sha.update(np.ascontiguousarray(s[key]).tobytes())
+    assert sha.hexdigest() == digest
+
+
+def test_default_options_give_the_same_set(tmp_path: Path):
+    """The new options at their defaults, passed as Hydra passes them (lists), change nothing,
+    and meta.json's generator record does not list them (older folders stay complete)."""
+    a = ensure_synthetic_voc(tmp_path / "a", **SMALL, confounder="layout")
+    b = ensure_synthetic_voc(
+        tmp_path / "b",
+        **SMALL,
+        confounder="layout",
+        num_classes=6,
+        object_area=[0.1, 0.15],
+        label_ids=None,
+    )
+    assert _all_bytes(a) == _all_bytes(b)
+    meta = json.loads((a / "meta.json").read_text())
+    assert not {"num_classes", "object_area", "label_ids"} & set(meta["generator"])
+    assert meta["classes"] == list(SYNTH_CLASSES) and meta["contexts"] == list(SYNTH_CONTEXTS)
+
+
+def test_twelve_classes(tmp_path: Path):
+    names = ALL_CLASSES[1:]
+    assert len(names) == MAX_CLASSES == len(ALL_CONTEXTS) == len(set(ALL_CONTEXTS))
+    assert set(ALL_HOME_LAYOUT) == set(names)
+    # The first six homes are as before; all twelve anchors are distinct and inside the image.
+    assert {c: ALL_HOME_LAYOUT[c] for c in SYNTH_CLASSES[1:]} == HOME_LAYOUT
+    anchors = np.array([ALL_HOME_LAYOUT[c][0] for c in names])
+    distance = np.hypot(*(anchors[:, None] - anchors[None]).transpose(2, 0, 1))
+    assert distance[np.triu_indices(len(names), 1)].min() > 0.14
+    assert ((anchors >= 0.25) & (anchors <= 0.75)).all()
+    ids = ALL_COCO_CATEGORY_IDS
+    assert len(set(ids)) == len(ids) == MAX_CLASSES and ids[:6] == COCO_CATEGORY_IDS
+
+    root = ensure_synthetic_voc(
+        tmp_path / "s", num_train=60, num_val=4, image_size=64, num_classes=12, confounder="layout"
+    )
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["classes"] == list(ALL_CLASSES) and meta["contexts"] == list(ALL_CONTEXTS)
+    assert meta["home_context"] == dict(zip(names, ALL_CONTEXTS, strict=True))
+    assert meta["generator"]["num_classes"] == 12
+    seen = set()
+    for image_id in _ids(root, "train"):
+        seen |= set(np.unique(read_label_png(root / "SegmentationClass" / f"{image_id}.png")))
+    assert seen == set(range(13)) | {255}  # every class appears in 60 images
+    assert _values(root, "ContextRegions") == set(range(13))  # every home texture appears
+    # ... and the twelve home textures look different: their mean colours in the JPEGs differ.
+    acc = np.zeros((13, 4))
+    for image_id in _ids(root, "train"):
+        context = read_label_png(root / "ContextRegions" / f"{image_id}.png")
+        with Image.open(root / "JPEGImages" / f"{image_id}.jpg") as img:
+            rgb = np.asarray(img, np.float64) / 255
+        for k in np.unique(context[context > 0]):
+            acc[k] += (*rgb[context == k].sum(0), (context == k).sum())
+    mean = acc[1:, :3] / acc[1:, 3:]
+    colour_gap = np.linalg.norm(mean[:, None] - mean[None], axis=2)
+    assert colour_gap[np.triu_indices(len(names), 1)].min() > 0.08
+    stats = meta["stats"]["train"]
+    assert set(stats["class_centroid"]) == set(names)
+    assert stats["home_layout_rate"] > 0.75
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    assert [c["id"] for c in coco["categories"]] == list(ids)
+    assert [c["name"] for c in coco["categories"]] == list(names)
+
+
+@pytest.mark.parametrize("confounder", ["texture", "layout"])
+def test_small_objects(tmp_path: Path, confounder: str):
+    root = ensure_synthetic_voc(
+        tmp_path / "s",
+        num_train=60,
+        num_val=4,
+        image_size=96,
+        object_area=(0.03, 0.06),
+        confounder=confounder,
+    )
+    stats = json.loads((root / "meta.json").read_text())["stats"]["train"]
+    area = stats["object_area"]  # full shapes, before occlusion
+    assert 0.03 < area["mean"] < 0.06 and area["min"] > 0.028 and area["max"] < 0.062, area
+    assert stats["visible_area_mean"] <= area["mean"]
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    by_image: dict[int, list[int]] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["area"])
+    single = np.array([v[0] for v in by_image.values() if len(v) == 1]) / 96**2
+    assert len(single) > 20 and single.min() > 0.028 and single.max() < 0.062
+    assert 0.035 < single.mean() < 0.055
+
+
+def test_label_ids_relabel_masks_and_contexts_only(tmp_path: Path):
+    label_ids = [1, 3, 6, 8, 12, 14, 15, 19]
+    args = {"num_train": 30, "num_val": 4, "image_size": 64, "num_classes": 8}
+    plain = ensure_synthetic_voc(tmp_path / "p", **args, confounder="both")
+    mapped = ensure_synthetic_voc(tmp_path / "m", **args, confounder="both", label_ids=label_ids)
+    assert _values(mapped, "SegmentationClass") <= {0, 255, *label_ids}
+    assert _values(mapped, "ContextRegions") <= {0, *label_ids}
+    lut = np.arange(256)
+    lut[1:9] = label_ids
+    for image_id in _ids(plain, "train") + _ids(plain, "val"):
+        for folder in ("SegmentationClass", "ContextRegions"):
+            a = read_label_png(plain / folder / f"{image_id}.png")
+            b = read_label_png(mapped / folder / f"{image_id}.png")
+            np.testing.assert_array_equal(lut[a], b)  # region of class k's home: label_ids[k-1]
+        jpg = f"JPEGImages/{image_id}.jpg"
+        assert (plain / jpg).read_bytes() == (mapped / jpg).read_bytes()
+    # The COCO export keeps one category per class; meta.json names the values written.
+    for split in ("train", "val"):
+        name = f"annotations/instances_{split}.json"
+        assert (plain / name).read_bytes() == (mapped / name).read_bytes()
+    meta = json.loads((mapped / "meta.json").read_text())
+    assert meta["generator"]["label_ids"] == label_ids
+    assert len(meta["classes"]) == 20 and meta["classes"][2] == "unused_2"
+    for k, i in enumerate(label_ids, start=1):
+        assert meta["classes"][i] == ALL_CLASSES[k]
+        assert meta["contexts"][i - 1] == ALL_CONTEXTS[k - 1]
+    # The reader names the context regions by their values, so leakage is scored per class id.
+    names = list(meta["classes"]) + ["unused_20"]
+    ds = VOCSegmentation(
+        mapped,
+        "ImageSets/Segmentation/train.txt",
+        "SegmentationClass",
+        names,
+        context_dir="ContextRegions",
+    )
+    assert ds.context_names[19] == "night" and ds.context_names[1] == "sky"
+    assert set(np.nonzero(ds.labels.sum(0))[0] + 1) <= set(label_ids)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"num_classes": 5}, r"data\.generator\.num_classes=5 is out of range.*6\.\.12"),
+        ({"num_classes": 13}, r"data\.generator\.num_classes=13"),
+        ({"num_classes": "many"}, r"data\.generator\.num_classes"),
+        ({"label_ids": [1, 2, 3]}, r"data\.generator\.label_ids=\[1, 2, 3\] has 3 entries.*Fix"),
+        ({"label_ids": [1, 2, 3, 4, 5, 5]}, r"label_ids=.*repeats an id.*Fix: give 6 distinct"),
+        ({"label_ids": [0, 1, 2, 3, 4, 5]}, r"label_ids=.*outside 1\.\.254.*Fix"),
+        ({"label_ids": [1, 2, 3, 4, 5, 255]}, r"label_ids=.*outside 1\.\.254"),
+        ({"label_ids": [1, 2, 3, 4, 5, 6.5]}, r"label_ids=.*not a list of integers"),
+        ({"label_ids": 7}, r"data\.generator\.label_ids=7 is not a list of integers"),
+        ({"object_area": [0.06, 0.03]}, r"data\.generator\.object_area=\[0\.06, 0\.03\].*Fix"),
+        ({"object_area": [0.0, 0.03]}, r"data\.generator\.object_area"),
+        ({"object_area": [0.2, 0.3]}, r"data\.generator\.object_area.*min <= 0\.15"),
+        ({"object_area": [0.1]}, r"data\.generator\.object_area"),
+        ({"object_area": [0.005, 0.01]}, r"object_area min 0\.005 of a 48px image.*Fix"),
+    ],
+)
+def test_bad_options_are_refused(tmp_path: Path, options: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        ensure_synthetic_voc(tmp_path / "s", **SMALL, **options)
+    assert not (tmp_path / "s").exists()
+
+
+def test_hydra_lists_are_recognised(synth_cfg, tmp_path: Path):
+    """prepare_data passes ListConfigs; the folder is generated once, then found complete."""
+    synth_cfg.root = str(tmp_path / "synth")
+    synth_cfg.generator = {
+        **SMALL,
+        "confounder": "layout",
+        "num_classes": 7,
+        "object_area": [0.05, 0.08],
+        "label_ids": [2, 4, 6, 8, 10, 12, 14],
+    }
+    prepare_data(synth_cfg)
+    meta = tmp_path / "synth" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    prepare_data(synth_cfg)
+    assert meta.stat().st_mtime_ns == stamp
+    generator = json.loads(meta.read_text())["generator"]
+    assert generator["object_area"] == [0.05, 0.08] and generator["label_ids"][-1] == 14
+
+
+@pytest.mark.parametrize(
+    ("data", "generator"),
+    [
+        ("synth_small", {"object_area": [0.03, 0.06]}),
+        ("synth_many", {"num_classes": 12}),
+        ("synth_voc21", {"num_classes": 8, "label_ids": [1, 3, 6, 8, 12, 14, 15, 19]}),
+    ],
+)
+def test_data_configs_off_the_home_set(data: str, generator: dict, tmp_path: Path):
+    small = [f"data.generator.{k}={v}" for k, v in {"num_train": 12, "num_val": 4}.items()]
+    cfg = compose_cfg([f"data={data}", *small], tmp_path)
+    assert cfg.data.name == "synth" and f"/{data}_" in cfg.data.root
+    assert f"/{data}_" in cfg.data.cache_dir
+    for key, value in generator.items():
+        assert OmegaConf.to_container(cfg.data.generator)[key] == value
+    assert len(cfg.data.class_names) == cfg.data.num_classes
+    ds = build_dataset(cfg.data, "train")
+    assert len(ds) == 12 and ds.class_names == list(cfg.data.class_names)
+    meta = json.loads((Path(cfg.data.root) / "meta.json").read_text())
+    # The config's names agree with the values the generator writes (the prefix it uses).
+    assert list(cfg.data.class_names)[: len(meta["classes"])] == meta["classes"]
+    stamp = (Path(cfg.data.root) / "meta.json").stat().st_mtime_ns
+    build_dataset(cfg.data, "val")
+    assert (Path(cfg.data.root) / "meta.json").stat().st_mtime_ns == stamp  # not regenerated

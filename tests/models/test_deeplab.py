@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.models.backbone import ResNetBackbone
-from src.models.deeplab import ASPP, DeepLabV2, SegmenterModule, msc_logits, msc_loss
+from src.models.deeplab import (
+    ASPP,
+    DeepLabV2,
+    SegmenterModule,
+    balanced_class_weights,
+    msc_logits,
+    msc_loss,
+)
 
 NUM_CLASSES = 3
 
@@ -204,3 +211,33 @@ def test_segmenter_checkpoint_round_trip_and_bad_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a segmenter checkpoint"):
         load_segmenter(tmp_path / "other.pt")
+
+
+def test_balanced_class_weights():
+    counts = [900, 100, 0, 25]
+    w = balanced_class_weights(counts)
+    freq = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    present = freq > 0
+    # w ∝ 1/sqrt(f) on the classes present, the average pixel keeps weight 1, absent ones get 1.
+    ratio = w[present].double() * freq[present].sqrt()
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
+    assert float((freq * w.double()).sum()) == pytest.approx(1.0)
+    assert w[2] == 1.0 and w[3] > w[1] > w[0]
+    assert torch.equal(balanced_class_weights(counts, "none"), torch.ones(4))
+    with pytest.raises(ValueError, match="segmenter.class_balance"):
+        balanced_class_weights(counts, "median")
+
+
+def test_msc_loss_class_weight_matches_weighted_ce():
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, :2] = 255
+    weight = torch.tensor([0.5, 2.0, 3.0])
+    expected = F.cross_entropy(logits[0], target, weight=weight, ignore_index=255)
+    small = F.interpolate(target[:, None].float(), size=(4, 4), mode="nearest")[:, 0].long()
+    expected = expected + F.cross_entropy(logits[1], small, weight=weight, ignore_index=255)
+    assert torch.allclose(msc_loss(logits, target, class_weight=weight), expected)
+    # The module keeps the weights as a buffer (it moves with .to() and resumes from a .ckpt).
+    module = SegmenterModule(tiny_deeplab(), 3, class_weight=weight)
+    assert torch.equal(module.class_weight, weight) and "class_weight" in module.state_dict()

@@ -53,6 +53,8 @@ _SEGMENTER_TRAINING = (
     "data",
     "segmenter.labels",
     "segmenter.backbone",
+    "segmenter.backbone_init",
+    "segmenter.class_balance",
     "segmenter.rates",
     "segmenter.batch_size",
     "segmenter.accumulate_grad_batches",
@@ -121,7 +123,8 @@ STAGES: dict[str, Stage] = {
             "train_segmenter",
             train_segmenter,
             ("seed", *_SEGMENTER_TRAINING),
-            optional_inputs=("make_pseudo_masks",),
+            # train_cam: read only with segmenter.backbone_init=cam.
+            optional_inputs=("make_pseudo_masks", "train_cam"),
         ),
         Stage(
             "predict_segmenter",

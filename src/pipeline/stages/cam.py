@@ -125,6 +125,35 @@ def _load_previous_weights(module: CAMClassifier, weights: Path) -> None:
     log.info("finetune: %d of %d tensors from %s", len(kept), len(own), weights)
 
 
+def load_classifier_backbone(
+    backbone: torch.nn.Module, cam_train_dir: Path | None, who: str
+) -> None:
+    """Copy this round's trained classifier backbone into `backbone` (`who`: the config key that
+    asked, for the error). Image labels only, so the receiving stage stays weakly supervised.
+    A CONTA classifier injecting M into a stage input has one extra (last) input channel there;
+    the receiving net sees no M, so that channel is dropped."""
+    weights_path = None if cam_train_dir is None else cam_train_dir / WEIGHTS_FILE
+    if weights_path is None or not weights_path.is_file():
+        raise MissingArtifactError(
+            f"{who}=cam starts from this round's classifier, but {weights_path or WEIGHTS_FILE} "
+            f"is missing. Fix: add train_cam to `stages`, or set {who}=pretrained."
+        )
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    own = backbone.state_dict()
+    weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    weights = {
+        k: v[:, : own[k].shape[1]] if k in own and v.ndim == 4 and v.shape != own[k].shape else v
+        for k, v in weights.items()
+    }
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as err:
+        raise MissingArtifactError(
+            f"{who}=cam: the classifier backbone in {weights_path} does not fit this backbone "
+            f"(different arch or widths?): {err}"
+        ) from err
+
+
 def load_cam_classifier(
     cfg: DictConfig, train_dir: Path, confounders: Confounders | None = None
 ) -> CAMClassifier:

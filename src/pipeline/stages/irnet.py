@@ -22,7 +22,7 @@ from src.models.affinity import AffinityModule, AffinityNet
 from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE, load_cam
+from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone
 from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
 from src.utils.io import atomic_torch_save
 
@@ -97,23 +97,8 @@ def _label_stats(out_dir: Path, ids: list[str]) -> dict:
 def build_affinity_module(cfg: DictConfig, cam_train_dir: Path | None) -> AffinityModule:
     backbone = instantiate(cfg.backbone)
     if cfg.affinity.backbone_init == "cam":
-        # Trained CAM backbone (the synthetic set has no ImageNet weights to start from).
-        if cam_train_dir is None or not (cam_train_dir / WEIGHTS_FILE).is_file():
-            raise MissingArtifactError(
-                f"affinity.backbone_init=cam needs {cam_train_dir}/{WEIGHTS_FILE}: run train_cam"
-            )
-        state = torch.load(cam_train_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        own = backbone.state_dict()
-        weights = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
-        # A CONTA classifier injecting M into a stage input has one extra (last) input channel
-        # there; the affinity net sees no M, so that channel is dropped.
-        weights = {
-            k: v[:, : own[k].shape[1]]
-            if k in own and v.ndim == 4 and v.shape != own[k].shape
-            else v
-            for k, v in weights.items()
-        }
-        backbone.load_state_dict(weights)
+        # The synthetic set has no ImageNet weights to start from.
+        load_classifier_backbone(backbone, cam_train_dir, "affinity.backbone_init")
     elif cfg.affinity.backbone_init != "pretrained":
         raise ValueError(
             f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam"

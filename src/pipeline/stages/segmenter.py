@@ -18,10 +18,17 @@ from src.datamodules import build_dataset, eval_transform, train_transform
 from src.datamodules.datamodule import collate_same_size
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
-from src.models.deeplab import DeepLabV2, SegmenterModule, load_segmenter, save_segmenter
+from src.models.deeplab import (
+    DeepLabV2,
+    SegmenterModule,
+    balanced_class_weights,
+    load_segmenter,
+    save_segmenter,
+)
 from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.runtime import build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
+from src.pipeline.stages.cam import load_classifier_backbone
 from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
 from src.postprocess.crf import CRFParams, crf_refine_logits, run_parallel
 
@@ -45,15 +52,50 @@ def segmenter_spec(cfg: DictConfig, class_names: list[str]) -> dict:
     }
 
 
+BACKBONE_INITS = ("pretrained", "cam")
+
+
+def fresh_segmenter_net(cfg: DictConfig, cam_train_dir: Path | None) -> DeepLabV2:
+    """A DeepLabV2 from cfg.segmenter whose backbone starts from `segmenter.backbone_init`:
+    `pretrained` (the backbone config's own weights: ImageNet for VOC/COCO, none for synth) or
+    `cam` (this round's classifier, trained on the same images with image labels only)."""
+    seg = cfg.segmenter
+    init = seg.backbone_init
+    if init not in BACKBONE_INITS:
+        raise ValueError(f"segmenter.backbone_init={init!r}: use one of {BACKBONE_INITS}")
+    backbone = instantiate(seg.backbone)
+    if init == "cam":
+        load_classifier_backbone(backbone, cam_train_dir, "segmenter.backbone_init")
+    return DeepLabV2(backbone, cfg.data.num_classes, list(seg.rates))
+
+
 def build_segmenter(
-    cfg: DictConfig, label_key: str = "mask", net: DeepLabV2 | None = None
+    cfg: DictConfig,
+    label_key: str = "mask",
+    net: DeepLabV2 | None = None,
+    class_weight: torch.Tensor | None = None,
 ) -> SegmenterModule:
-    """The Lightning module around `net` (default: a fresh DeepLabV2 from cfg.segmenter)."""
+    """The Lightning module around `net` (default: cfg.segmenter's DeepLabV2 with the backbone
+    config's own weights; train_segmenter passes the one `segmenter.backbone_init` asks for)."""
     seg = cfg.segmenter
     if net is None:
         net = DeepLabV2(instantiate(seg.backbone), cfg.data.num_classes, list(seg.rates))
     module_kwargs = OmegaConf.to_container(seg.module, resolve=True)
-    return SegmenterModule(net, cfg.data.num_classes, label_key=label_key, **module_kwargs)
+    return SegmenterModule(
+        net, cfg.data.num_classes, label_key=label_key, class_weight=class_weight, **module_kwargs
+    )
+
+
+def label_pixel_counts(dataset, label_key: str, num_classes: int) -> np.ndarray:
+    """Pixels of each class over the training labels (ground truth, or `label_key`'s extra)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for i, image_id in enumerate(dataset.ids):
+        if label_key == "mask":
+            label = dataset.load_mask(i)
+        else:
+            label = dataset.extras[label_key](image_id, None)
+        counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)
+    return counts
 
 
 def _training_labels(ctx: StageContext) -> tuple[str, dict]:
@@ -106,7 +148,11 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
-    module = build_segmenter(cfg, label_key)
+    net = fresh_segmenter_net(cfg, ctx.inputs.get("train_cam"))
+    counts = label_pixel_counts(dataset, label_key, cfg.data.num_classes)
+    class_weight = balanced_class_weights(counts, seg.class_balance)
+    log.info("train_segmenter: class weights %s", np.round(class_weight.numpy(), 2).tolist())
+    module = build_segmenter(cfg, label_key, net, class_weight)
     trainer = build_trainer(
         cfg,
         ctx.dir,
@@ -128,6 +174,7 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         save_segmenter(ctx.dir / SEGMENTER_WEIGHTS, module.net, spec)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["labels"] = seg.labels
+    metrics["class_weight"] = [round(float(w), 4) for w in class_weight]
     return StageResult(metrics=metrics, artifacts=[SEGMENTER_WEIGHTS])
 
 
