@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,12 +103,14 @@ def run_name(data: str, confounder: str | None) -> str:
 
 
 def generated(data: str) -> bool:
-    """Whether data config `data` is a generated set (has `generator`, so a confounder)."""
-    path = ROOT / "conf" / "data" / f"{data}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"--data {data}: no conf/data/{data}.yaml; use one of the data configs")
-    text = path.read_text()
-    return "generator:" in text or "- synth" in text
+    """Whether data config `data` is a generated set (composes with a `generator`, so it has a
+    confounder to choose)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        try:
+            cfg = compose("train", overrides=[f"experiment={EXPERIMENT}", f"data={data}"])
+        except ConfigCompositionException as err:
+            raise SystemExit(f"--data {data}: {err}. Use one of conf/data/*.yaml") from None
+    return "generator" in cfg.data
 
 
 def rounds_of(name: str, seed: int) -> dict:
@@ -144,12 +148,13 @@ def min_detectable_effect(sd: float, n: int, power: float = POWER) -> float:
 
 
 def mean_std(values: list[float | None], scale: float = 100, digits: int = 1) -> str:
-    """mean ± std over seeds; fractions as % by default."""
+    """mean ± std over seeds (the value alone for one seed); fractions as % by default."""
     vals = [scale * v for v in values if v is not None]
     if not vals:
         return "–"
-    sd = np.std(vals, ddof=1) if len(vals) > 1 else 0.0
-    return f"{np.mean(vals):.{digits}f} ± {sd:.{digits}f}"
+    if len(vals) == 1:  # one seed: no spread to show
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
 def ctx_mean_std(values: list[float | None]) -> str:
