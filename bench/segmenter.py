@@ -1,7 +1,8 @@
 """DeepLab-v2 segmenter throughput: MSC vs single-scale training steps and inference (prints only).
 
 One model, one fixed batch, one process. Training: images/s of a full deeplab-pytorch MSC step
-(logits at every scale of ``segmenter.module.scales`` + their max, summed CE, backward, SGD step
+(logits at every scale of ``segmenter.module.scales``, or deeplab-pytorch's 1/0.75/0.5 for a
+single-scale config such as segmenter=synth, + their max, summed CE, backward, SGD step
 with the module's lr groups and poly schedule) and of a single-scale step (scale 1.0, CE on one
 output) of the same model on the same crop-size batch; the two are interleaved iteration by
 iteration so load from other processes hits both alike, and their cost ratio is printed next to
@@ -157,9 +158,11 @@ def main() -> None:
     if args.arch:
         backbone_cfg["arch"] = args.arch
     classes = args.classes or (21 if segmenter == "deeplab" else int(cfg.data.num_classes))
-    scales = [float(s) for s in seg.module.scales]
-    net = DeepLabV2(instantiate(backbone_cfg), classes, list(seg.rates)).to(device)
     accepted = inspect.signature(SegmenterModule).parameters
+    scales = [float(s) for s in seg.module.scales]
+    if len(scales) == 1:  # a single-scale config (segmenter=synth): MSC at deeplab-pytorch's scales
+        scales = [float(s) for s in accepted["scales"].default]
+    net = DeepLabV2(instantiate(backbone_cfg), classes, list(seg.rates)).to(device)
     module_kwargs = {k: v for k, v in seg.module.items() if k in accepted}
     module = SegmenterModule(net, classes, **module_kwargs)
 
