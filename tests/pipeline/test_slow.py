@@ -38,13 +38,12 @@ def test_cam_stages_under_ddp_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_default_experiment_shows_the_expansion(tmp_path):
-    """Round 0 of the IRNet baseline on the texture set its synthetic settings were measured on:
-    CAMs well above all-background (11.9 mIoU), pseudo-masks above the CAMs at IRNet's
-    threshold, a segmenter above all-background. (On the layout set, make train's default, the
-    expansion loses to its CAMs: README, "What make train does".)"""
-    args = ["experiment=synth_irnet", "data.generator.confounder=texture"]
-    row = run_cli(args, tmp_path)["rounds"]["0"]
+    """Round 0 of the IRNet baseline on make train's layout set: CAMs well above all-background
+    (11.8 mIoU), pseudo-masks above the CAMs at IRNet's threshold and leaking less onto the
+    context, a segmenter far above all-background (five seeds in the README: CAM 56.2 ± 2.8,
+    pseudo 71.7 ± 2.1, seg 57.6 ± 1.7)."""
+    row = run_cli(["experiment=synth_irnet"], tmp_path)["rounds"]["0"]
     assert row["cam_best_miou"] > 0.5
-    assert row["pseudo_miou"] > row["cam_miou"] > 0.2
+    assert row["pseudo_miou"] > row["cam_miou"] + 0.05 and row["cam_miou"] > 0.2
     assert row["cam_context_leakage"] > row["pseudo_context_leakage"]
-    assert row["seg_miou"] > 0.2
+    assert row["seg_miou"] > 0.45
