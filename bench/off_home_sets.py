@@ -31,6 +31,7 @@ from conta_vs_baseline import OUTPUTS, ROOT, mean_std, run_train, table
 sys.path.insert(0, str(ROOT))
 
 from src.datamodules.palette import read_label_png  # noqa: E402
+from src.evaluation.metrics import SegmentationMetric  # noqa: E402
 
 SETS = ("synth", "synth_small", "synth_many", "synth_voc21")
 
@@ -44,20 +45,14 @@ def round0(name: str, seed: int) -> dict:
     return json.loads(path.read_text())["rounds"]["0"]
 
 
-def all_background_miou(data_root) -> float:
-    """mIoU of predicting background everywhere on the val masks (the VOC protocol: classes
-    present in ground truth or prediction, so every object class scores 0)."""
+def all_background_miou(data_root: Path, num_classes: int) -> float:
+    """mIoU of predicting background everywhere on the val masks, with the project's metric."""
+    metric = SegmentationMetric(num_classes)
     ids = (data_root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
-    bg = fg = union = 0
-    present = set()
     for image_id in ids:
         label = read_label_png(data_root / "SegmentationClass" / f"{image_id}.png")
-        valid = label != 255
-        bg += int((label[valid] == 0).sum())
-        union += int(valid.sum())
-        present |= set(np.unique(label[valid]).tolist())
-    fg = len(present - {0})
-    return (bg / union) / (fg + 1)
+        metric.update(np.zeros_like(label), label)
+    return float(metric.compute()["miou"])
 
 
 def data_facts(name: str, seed: int) -> dict:
@@ -70,7 +65,7 @@ def data_facts(name: str, seed: int) -> dict:
         "label_space": cfg["data"]["num_classes"],
         "area": stats["object_area"]["mean"],
         "visible": stats["visible_area_mean"],
-        "bg_miou": all_background_miou(root),
+        "bg_miou": all_background_miou(root, cfg["data"]["num_classes"]),
     }
 
 
