@@ -11,6 +11,8 @@ files are not touched.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 import shutil
@@ -22,9 +24,12 @@ from src.evaluation.report import load_results, print_results, update_results
 from src.pipeline.artifacts import MissingArtifactError, StageDir
 from src.pipeline.stage import StageContext
 from src.pipeline.stages import STAGES
+from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 # Evaluation stage -> the results prefix it writes.
+# The run's stage hashes an evaluation folder was made from.
+SOURCE_FILE = "SOURCE.json"
 _SCORED = {"eval_cams": "cam", "eval_pseudo": "pseudo", "eval_segmenter": "seg"}
 
 
@@ -68,6 +73,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Re-score round `cfg.round` of the run; returns {prefix: results} and prints a table."""
+    cfg = copy.deepcopy(cfg)  # the split override below must not leak into the caller's config
     run_dir = Path(cfg.paths.run_dir).resolve()
     if not (run_dir / "results.json").is_file():
         raise EvaluationError(
@@ -83,7 +89,7 @@ def evaluate(cfg: DictConfig) -> dict:
             cfg.data.val_split = split
     tag = split or "default"
     out_dir = run_dir / "eval" / f"round_{round_idx}_{tag}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _tie_to_run(out_dir, run_dir, round_idx, cfg)
 
     scored: dict[str, dict] = {}
     for name, prefix in _SCORED.items():
@@ -109,6 +115,26 @@ def evaluate(cfg: DictConfig) -> dict:
     print_results(results)
     _compare_with_run(run_dir, round_idx, scored, split)
     return scored
+
+
+def _tie_to_run(out_dir: Path, run_dir: Path, round_idx: int, cfg: DictConfig) -> None:
+    """Keep an earlier evaluation's files (predictions, CRF masks) only if they came from the
+    run's current stage outputs: a retrained round makes them stale, so start over."""
+    source = {
+        name: (StageDir(run_dir, round_idx, name).read_done() or {}).get("config_hash")
+        for name in cfg.stages
+    }
+    marker = out_dir / SOURCE_FILE
+    if out_dir.exists():
+        try:
+            kept = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            kept = None
+        if kept != source:
+            log.info("%s came from other stage outputs of the run: starting it over", out_dir)
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, source)
 
 
 def _segmenter_predictions(cfg, run_dir: Path, round_idx: int, out_dir: Path, run_split: str):

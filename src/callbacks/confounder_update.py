@@ -26,6 +26,7 @@ from src.models.context import (
     build_confounders,
     resize_nearest,
 )
+from src.pipeline.runtime import run_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +139,34 @@ class ConfounderUpdate(L.Callback):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         preds, labels = self._gathered()
-        if trainer.is_global_zero:
-            if not preds:
-                raise ValueError("ConfounderUpdate saw no predictions: the predict split is empty")
-            confounders = build_confounders(
-                preds,
-                labels,
-                num_classes=self.num_classes,
-                size=self.size,
-                class_names=self.class_names,
-                dataset=self.dataset_name,
-                encoding=self.encoding,  # type: ignore[arg-type]
-                prior=self.prior,  # type: ignore[arg-type]
-                center_ids=self.center_ids,
-                context=self.context,
-            )
-            if self.transform is not None:
-                confounders = self.transform(confounders)
-            path = confounders.save(self.out_dir)
-            self.result = confounders
-            log.info(
-                "confounders from %d images at %dx%d -> %s (images per class %s)",
-                len(confounders.ids),
-                *self.size,
-                path,
-                confounders.counts.tolist(),
-            )
         self._reset()
-        # Nobody reads the file before rank 0 has written it.
-        trainer.strategy.barrier("confounder_update")
+        # Rank 0 builds and writes; nobody reads the file before it is written, and a failure
+        # there ends every rank at once (run_on_rank_zero) rather than leaving them at a barrier.
+        self.result = run_on_rank_zero(lambda: self._build(preds, labels), "confounder update")
+
+    def _build(self, preds: dict, labels: dict) -> Confounders:
+        if not preds:
+            raise ValueError("ConfounderUpdate saw no predictions: the predict split is empty")
+        confounders = build_confounders(
+            preds,
+            labels,
+            num_classes=self.num_classes,
+            size=self.size,
+            class_names=self.class_names,
+            dataset=self.dataset_name,
+            encoding=self.encoding,  # type: ignore[arg-type]
+            prior=self.prior,  # type: ignore[arg-type]
+            center_ids=self.center_ids,
+            context=self.context,
+        )
+        if self.transform is not None:
+            confounders = self.transform(confounders)
+        path = confounders.save(self.out_dir)
+        log.info(
+            "confounders from %d images at %dx%d -> %s (images per class %s)",
+            len(confounders.ids),
+            *self.size,
+            path,
+            confounders.counts.tolist(),
+        )
+        return confounders

@@ -2,26 +2,34 @@
 
 Stages pick the splits (``train_split``/``val_split``/``predict_split``); the data config only
 says where each split lives (see conf/data/*.yaml).
+
+Every training loader comes from ``training_loader``: its sampler (``SeededSampler``) shuffles
+and pairs each index with the seed of that sample's augmentation, both a function of (base seed,
+epoch, index) computed in the main process; ``SeededDataset`` applies the seed. A sample's
+augmentation therefore does not depend on the number of workers, on persistent workers, on the
+DDP split or on a resume (Lightning restores the epoch and calls ``set_epoch``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from src.datamodules.coco import COCOSegmentation
+from src.datamodules.coco import COCOSegmentation, prepare_coco
 from src.datamodules.synthetic import ensure_synthetic_voc
 from src.datamodules.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_transform,
+    sample_seed,
     train_transform,
     val_transform,
 )
@@ -59,11 +67,22 @@ def configured_splits(data_cfg: Any) -> list[str]:
 
 
 def prepare_data(data_cfg: Any) -> None:
-    """Generate the synthetic set when ``data.name == synth`` (no-op for VOC/COCO on disk)."""
-    if _get(data_cfg, "name") != "synth":
-        return
-    gen = dict(_get(data_cfg, "generator") or {})
-    ensure_synthetic_voc(_required(data_cfg, "root", "data"), **gen)
+    """One-off data work, on one process before any rank builds a data set: generate the
+    synthetic set (``data.name == synth``); index each COCO split's annotation json (parsing
+    it once, so ranks and workers never hold it); nothing for VOC on disk."""
+    if _get(data_cfg, "name") == "synth":
+        gen = dict(_get(data_cfg, "generator") or {})
+        ensure_synthetic_voc(_required(data_cfg, "root", "data"), **gen)
+    if _get(data_cfg, "format", "voc") == "coco":
+        root = Path(str(_required(data_cfg, "root", "data")))
+        cache_dir = _required(data_cfg, "cache_dir", "data")
+        splits = _get(data_cfg, "splits") or {}
+        used = {_get(data_cfg, k) for k in ("train_split", "eval_split", "val_split")}
+        for name in sorted(n for n in used if n in splits):
+            spec = splits[name]
+            prepare_coco(
+                root / str(_required(spec, "annotations", f"data.splits.{name}")), cache_dir
+            )
 
 
 def build_dataset(
@@ -139,6 +158,140 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def _seed_words(*words: int) -> int:
+    """A 63-bit seed mixed from non-negative ints (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, sample_seed)`` for every index of ``range(num_samples)``, shuffled (in
+    order with ``shuffle=False``): the order a function of ``(seed, epoch)``, each index's
+    augmentation seed a function of ``(seed, epoch, index)``.
+
+    ``seed`` defaults to ``torch.initial_seed()`` when built, i.e. the stage seed set by
+    ``seed_everything``, the same on every rank. Each pass advances the epoch by one;
+    ``set_epoch`` sets it (Lightning calls it before every training epoch, with the restored
+    epoch on resume, also through DDP's ``DistributedSamplerWrapper``). Nothing is drawn from the
+    global RNGs, so every rank builds the same list and ``DistributedSamplerWrapper`` hands each
+    rank a disjoint share of it.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int | None = None, shuffle: bool = True):
+        self.num_samples = int(num_samples)
+        self.seed = int(torch.initial_seed() if seed is None else seed) % 2**63
+        self.shuffle = shuffle
+        self.epoch = 0  # of the next pass
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(_seed_words(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=gen).tolist()
+        else:
+            order = list(range(self.num_samples))
+        # One 32-bit word per index (albumentations takes 32-bit seeds), from the epoch's seed.
+        words = np.random.SeedSequence([self.seed, epoch]).generate_state(self.num_samples)
+        return iter([(i, int(words[i])) for i in order])
+
+
+class SeededDataset(Dataset):
+    """Takes the ``(index, sample_seed)`` items of ``SeededSampler``: loads ``dataset[index]``
+    with every transform inside reseeded from ``sample_seed`` (``transforms.sample_seed``);
+    a plain index loads without reseeding. Other attributes are the wrapped data set's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Any:
+        if isinstance(item, tuple):
+            index, seed = item
+            with sample_seed(seed):
+                return self.dataset[index]
+        return self.dataset[item]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or "dataset" not in self.__dict__:
+            # dunders (pickle's __setstate__, DataLoader's __getitems__) are not forwarded
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+
+class _DeferredIterator:
+    """Creates the DataLoader's iterator at the first ``next``, not at ``iter``."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._loader = loader
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> _DeferredIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = DataLoader.__iter__(self._loader)
+        return next(self._iterator)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader that draws from its sampler only when the first batch is asked for.
+
+    Lightning creates the training iterator of a fit's first epoch before it calls the sampler's
+    ``set_epoch``, and a DataLoader with workers draws its first indices when its iterator is
+    created: a resumed fit would replay epoch 0's order and crops (so would a DistributedSampler
+    with workers). Deferring the iterator to the first ``next`` lets ``set_epoch`` land first.
+    """
+
+    def __iter__(self) -> Any:  # type: ignore[override]
+        return _DeferredIterator(self)
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator, for the workers' base seed it draws whenever it creates an
+    iterator: with persistent workers that is once per process (not per epoch), so drawing from
+    the global RNG would shift its stream between a resumed and an uninterrupted run."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+def training_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    *,
+    collate_fn: Callable[[list], Any] | None = None,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    seed: int | None = None,
+) -> DataLoader:
+    """The DataLoader of every training stage: shuffled by a ``SeededSampler``, each sample
+    augmented from its own seed (``SeededDataset``), persistent workers when ``num_workers``."""
+    sampler = SeededSampler(len(dataset), seed=seed)  # type: ignore[arg-type]
+    return SeededLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        generator=_own_generator(sampler.seed),
+    )
 
 
 def collate_same_size(batch: Sequence[dict]) -> dict:
@@ -268,12 +421,17 @@ class WSSSDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             worker_init_fn=seed_worker,
             pin_memory=self.pin_memory,
+            generator=_own_generator(torch.initial_seed()),
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.train_set, "train", batch_size=self.batch_size, shuffle=True, drop_last=True
+        if self.train_set is None:
+            raise DatasetError(
+                "no train data set: pass train_split=... to WSSSDataModule and call setup()"
+            )
+        return training_loader(
+            self.train_set, self.batch_size, self.num_workers, pin_memory=self.pin_memory
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -293,10 +451,14 @@ class WSSSDataModule(L.LightningDataModule):
 
 __all__ = [
     "ExtraTarget",
+    "SeededDataset",
+    "SeededLoader",
+    "SeededSampler",
     "WSSSDataModule",
     "build_dataset",
     "collate_same_size",
     "configured_splits",
     "prepare_data",
     "seed_worker",
+    "training_loader",
 ]

@@ -92,6 +92,7 @@ from pycocotools import mask as mask_utils
 
 from src.datamodules.palette import IGNORE_INDEX, encode_label_png
 from src.datamodules.validation import DatasetError
+from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -1012,11 +1013,12 @@ def _expected_files(root: Path, args: SynthArgs) -> list[Path]:
 
 
 def _is_complete(root: Path, args: SynthArgs) -> bool:
-    try:
-        meta = json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if meta.get("version") != SYNTH_VERSION or meta.get("generator") != _record(args):
+    meta = read_json_object(root / "meta.json")
+    if (
+        meta is None
+        or meta.get("version") != SYNTH_VERSION
+        or meta.get("generator") != _record(args)
+    ):
         return False
     return all(p.is_file() for p in _expected_files(root, args))
 

@@ -15,6 +15,12 @@ Extra targets ride through the same geometry via albumentations ``additional_tar
   transform, so treating them as images is exact.
 Passing a key that was not declared raises (albumentations would pass it through untransformed).
 
+Randomness: inside ``with sample_seed(s):`` every ``SegTransform`` called restarts its stream
+from ``s`` (once per ``with``), so a sample's augmentation is a function of ``s`` alone; the
+training loaders (datamodule.py ``training_loader``) give every sample such a seed, drawn in the
+main process. Called outside one, a transform continues its own stream (reseeded per DataLoader
+worker from torch's worker seed).
+
 ``frame_grid`` is the "float" target that records where each pixel came from: (u, v) = its
 normalised coordinates in the original image (grid_sample convention, align_corners=False) and
 valid = 1, so after the geometry padding reads (0, 0, 0). Coordinates are linear in the pixel
@@ -23,7 +29,9 @@ index, so bilinear resampling keeps them exact; CONTA uses it to move M with the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import albumentations as A
@@ -41,6 +49,19 @@ TargetKind = Literal["label", "float"]
 # Targets every data set may carry: the synthetic set's ground-truth context regions.
 DEFAULT_TARGETS: dict[str, TargetKind] = {"context": "label"}
 _ALBU_TYPE = {"label": "mask", "float": "image"}
+# (token, seed) of the sample being loaded; a fresh token per `sample_seed` block.
+_SAMPLE_SEED: ContextVar[tuple[object, int] | None] = ContextVar("sample_seed", default=None)
+
+
+@contextmanager
+def sample_seed(seed: int) -> Iterator[None]:
+    """Every ``SegTransform`` called inside restarts its random stream from ``seed`` (once per
+    block: a transform called twice in one block continues its stream)."""
+    token = _SAMPLE_SEED.set((object(), int(seed)))
+    try:
+        yield
+    finally:
+        _SAMPLE_SEED.reset(token)
 
 
 def frame_grid(height: int, width: int) -> np.ndarray:
@@ -109,6 +130,7 @@ class SegTransform:
         self.targets = _merge_targets(extra_targets)
         self.geometry = None
         self._worker_seed: int | None = None
+        self._sample_token: object | None = None
         if geometry:
             self.geometry = A.Compose(
                 list(geometry),
@@ -130,6 +152,14 @@ class SegTransform:
             self._worker_seed = info.seed
             self.reseed(info.seed)
 
+    def _reseed(self) -> None:
+        active = _SAMPLE_SEED.get()
+        if active is None:
+            self._reseed_in_worker()
+        elif active[0] is not self._sample_token:
+            self._sample_token = active[0]
+            self.reseed(active[1])
+
     def normalize(self, image: np.ndarray) -> np.ndarray:
         if image.ndim != 3 or image.shape[2] != self.mean.shape[2]:
             raise ValueError(f"expected an HxWx{self.mean.shape[2]} image, got {image.shape}")
@@ -144,7 +174,7 @@ class SegTransform:
                 f"targets {unknown} are not declared for this transform (declared: "
                 f"{sorted(self.targets)}); pass them in extra_targets so they follow the geometry"
             )
-        self._reseed_in_worker()
+        self._reseed()
         data = {name: _prepare(name, arr, self.targets.get(name)) for name, arr in extras.items()}
         data["image"] = self.normalize(image)
         if mask is not None:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from src.datamodules import validation as V
 from src.utils.io import atomic_write_bytes
+from src.utils.untrusted import Source, UntrustedFileError, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 ExtraLoader = Callable[[str, tuple[int, int]], np.ndarray]
 Transform = Callable[..., dict]
 _CACHE_VERSION = 1
+_CACHE_ARRAYS = {"key": "U", "labels": "fiub", "validated": "b"}
 
 
 def scan_threads() -> int:
@@ -96,7 +98,7 @@ class SegmentationDataset(Dataset, ABC):
             contexts = json.loads((root / "meta.json").read_text()).get("contexts")
         except (OSError, ValueError, AttributeError):
             contexts = None
-        if contexts:
+        if isinstance(contexts, list) and contexts:
             self.context_names = ["none", *map(str, contexts)]
 
     def _keep(self, keep: np.ndarray) -> None:
@@ -141,13 +143,13 @@ class SegmentationDataset(Dataset, ABC):
         if cache is None or not cache.is_file():
             return None
         try:
-            with np.load(cache) as z:
-                if str(z["key"]) != digest or (need_validated and not bool(z["validated"])):
-                    return None
-                labels = z["labels"].astype(np.float32)
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("ignoring unreadable label cache %s (%s); rebuilding it", cache, e)
+            z = read_npz(Source(cache, "none needed, it is rebuilt now"), _CACHE_ARRAYS)
+        except UntrustedFileError as e:
+            log.warning("ignoring the label cache: %s", e)
             return None
+        if str(z["key"]) != digest or (need_validated and not bool(z["validated"])):
+            return None
+        labels = z["labels"].astype(np.float32)
         if labels.shape != (len(self.ids), self.num_classes - 1):
             return None
         return labels

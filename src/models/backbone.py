@@ -19,6 +19,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
+from src.utils.untrusted import Source, read_torch, tensor_state_dict
+
 log = logging.getLogger(__name__)
 
 NORM_MODES = ("train", "fixed", "frozen")
@@ -106,8 +108,16 @@ def _pretrained_state_dict(arch: str, weights: str | None, weights_path: str | N
                 f"backbone.weights_path={path} does not exist. Point it at a torchvision ResNet "
                 f"state dict (.pth), or set backbone.weights_path=null."
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state.get("state_dict", state)
+        src = Source(
+            path,
+            "point backbone.weights_path at a torchvision ResNet state dict (.pth), or set "
+            "backbone.weights_path=null",
+            WeightsUnavailableError,
+        )
+        state = read_torch(src)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return tensor_state_dict(state, src)
     if not weights:
         return None
     try:
@@ -118,7 +128,8 @@ def _pretrained_state_dict(arch: str, weights: str | None, weights_path: str | N
         ) from err
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
     try:
-        return enum.get_state_dict(progress=False)
+        # torch.hub unpickles in full by default; the cached file is read like any other.
+        state = enum.get_state_dict(progress=False, weights_only=True)
     except (URLError, OSError, RuntimeError) as err:
         raise WeightsUnavailableError(
             f"ImageNet weights {arch}.{weights} are not cached at {cache} and could not be "
@@ -126,6 +137,8 @@ def _pretrained_state_dict(arch: str, weights: str | None, weights_path: str | N
             f"to {cache} (or set TORCH_HOME), or pass backbone.weights_path=/path/to/file.pth; "
             f"backbone.weights=null trains from scratch."
         ) from err
+    fix = f"delete {cache} and rerun to download it again"
+    return tensor_state_dict(state, Source(cache, fix, WeightsUnavailableError))
 
 
 class ResNetBackbone(nn.Module):

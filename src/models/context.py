@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from src.utils.io import atomic_save_npz, atomic_write_json
+from src.utils.untrusted import Source, check_fields, parse_json, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,26 @@ Prior = Literal["uniform", "empirical"]
 
 class ConfounderError(ValueError):
     """The confounder file is missing, inconsistent with the run, or lacks an image."""
+
+
+CONFOUNDER_ARRAYS = {"centers": "f", "prior": "f", "counts": "iu", "ids": "U", "codes": "iu"}
+# What Confounders.meta() writes; the provenance keys are absent from files of older versions.
+META_SCHEMA = {
+    "format_version": int,
+    "dataset": str,
+    "num_classes": int,
+    "size": list[int],
+    "class_names": list[str],
+    "encoding": str,
+    "mask_scale": float,
+    "num_images": int,
+    "counts": list[int],
+    "prior": list[float],
+    "context": str,
+    "c_source": str,
+    "m_source": str,
+}
+META_OPTIONAL = ("context", "c_source", "m_source")
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,20 +607,21 @@ class Confounders:
         expected_context: str | None = None,
     ) -> Confounders:
         path = Path(directory) / CONFOUNDERS_FILE
-        rebuild = (
-            "Fix: re-run the confounder update (segmenter prediction on the training images) "
-            "of the previous round"
+        fix = (
+            "re-run the confounder update (segmenter prediction on the training images) of the "
+            "previous round"
         )
+        rebuild = f"Fix: {fix}"
         if not path.is_file():
             raise ConfounderError(f"{path} is missing. {rebuild}.")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("centers", "prior", "counts", "ids", "codes", "meta")}
-        except (OSError, KeyError, ValueError) as err:
-            raise ConfounderError(
-                f"{path} is unreadable or incomplete ({err}). {rebuild}."
-            ) from err
-        meta = json.loads(str(arrays["meta"]))
+        src = Source(path, fix, ConfounderError)
+        arrays = read_npz(src, {**CONFOUNDER_ARRAYS, "meta": "U"})
+        if arrays["meta"].ndim != 0:
+            src.fail(f"array 'meta' has shape {arrays['meta'].shape}, expected one JSON string")
+        meta = parse_json(str(arrays["meta"]), src, "meta")
+        check_fields(meta, META_SCHEMA, src, "meta", optional=META_OPTIONAL)
+        if meta["encoding"] not in ENCODINGS:
+            src.fail(f"meta['encoding'] is {meta['encoding']!r}, expected one of {ENCODINGS}")
         if meta.get("dataset") != expected_dataset:
             raise ConfounderError(
                 f"{path} was built on data set {meta.get('dataset')!r}, this run uses "
@@ -635,20 +657,23 @@ class Confounders:
         for key in ("centers", "prior"):
             if not np.isfinite(arrays[key]).all():
                 raise ConfounderError(f"{path}: {key} contains NaN or inf. {rebuild}.")
-        return cls(
-            centers=arrays["centers"],
-            prior=arrays["prior"],
-            counts=arrays["counts"],
-            class_names=meta["class_names"],
-            dataset=meta["dataset"],
-            ids=arrays["ids"].tolist(),
-            codes=arrays["codes"],
-            mask_scale=float(meta["mask_scale"]),
-            encoding=meta["encoding"],
-            context=built_for,
-            c_source=str(meta.get("c_source", "pred")),
-            m_source=str(meta.get("m_source", "own")),
-        )
+        try:
+            return cls(
+                centers=arrays["centers"],
+                prior=arrays["prior"],
+                counts=arrays["counts"],
+                class_names=meta["class_names"],
+                dataset=meta["dataset"],
+                ids=arrays["ids"].tolist(),
+                codes=arrays["codes"],
+                mask_scale=float(meta["mask_scale"]),
+                encoding=meta["encoding"],
+                context=built_for,
+                c_source=meta.get("c_source", "pred"),
+                m_source=meta.get("m_source", "own"),
+            )
+        except ConfounderError as err:  # inconsistent shapes: name the file
+            src.fail(str(err), err)
 
 
 def build_confounders(

@@ -8,6 +8,7 @@ prediction use the max only.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,9 +23,45 @@ from src.evaluation.metrics import SegmentationMetric
 from src.models.backbone import ResNetBackbone
 from src.models.optim import poly_sgd
 from src.utils.io import atomic_torch_save
+from src.utils.untrusted import (
+    Source,
+    UntrustedFileError,
+    check_fields,
+    read_torch,
+    tensor_state_dict,
+)
 
 SEGMENTER_FORMAT = "wsss-segmenter/1"
-SPEC_KEYS = ("backbone", "num_classes", "class_names", "mean", "std", "scales", "rates")
+SPEC_SCHEMA = {
+    "backbone": dict,  # checked against BACKBONES
+    "num_classes": int,
+    "class_names": list[str],
+    "mean": list[float],
+    "std": list[float],
+    "scales": list[float],
+    "rates": list[int],
+}
+SPEC_KEYS = tuple(SPEC_SCHEMA)
+# The only classes a checkpoint may name, and the keywords (with their kinds) it may pass; a
+# test keeps the keywords in step with the class signature.
+BACKBONES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "src.models.backbone.ResNetBackbone": (
+        ResNetBackbone,
+        {
+            "arch": str,
+            "weights": str | None,
+            "weights_path": str | None,
+            "strides": list[int],
+            "dilations": list[int],
+            "norm": str,
+            "frozen_stages": int,
+        },
+    ),
+}
+SEGMENTER_FIX = (
+    "use the segmenter.pt written by the train_segmenter stage (re-run that stage to get a "
+    "fresh one); never load a checkpoint from an untrusted source"
+)
 
 
 class ASPP(nn.Module):
@@ -247,25 +284,67 @@ class SegmenterModule(L.LightningModule):
         )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UntrustedFileError):
     """A segmenter checkpoint that is missing, unreadable or does not fit the model it describes."""
 
 
-def build_deeplab(spec: Mapping[str, Any]) -> DeepLabV2:
-    """DeepLabV2 from a checkpoint spec; the backbone starts without pretrained weights (the
-    checkpoint's state dict replaces them, and loading must not need the network)."""
-    from hydra.utils import instantiate
+def _positive(values: Sequence[float]) -> bool:
+    return len(values) > 0 and all(math.isfinite(v) and v > 0 for v in values)
 
-    backbone_cfg = {**spec["backbone"], "weights": None, "weights_path": None}
-    return DeepLabV2(instantiate(backbone_cfg), spec["num_classes"], spec["rates"])
+
+def check_spec(spec: Any, src: Source) -> dict[str, Any]:
+    """`spec` when it is a spec save_segmenter writes: known keys, plain values of the right
+    types and ranges, an allow-listed backbone class with known keywords; else `src.fail`."""
+    spec = check_fields(spec, SPEC_SCHEMA, src, "spec")
+    backbone = spec["backbone"]
+    target = backbone.get("_target_")
+    if type(target) is not str or target not in BACKBONES:
+        src.fail(
+            f"spec['backbone']['_target_'] is {target!r}, not one of the backbones a checkpoint "
+            f"may name {list(BACKBONES)}"
+        )
+    kwargs = {k: v for k, v in backbone.items() if k != "_target_"}
+    schema = BACKBONES[target][1]
+    check_fields(kwargs, schema, src, "spec['backbone']", optional=schema)
+    n = spec["num_classes"]
+    ranges = {
+        "num_classes": (1 <= n <= 255, "in 1..255 (label maps are uint8)"),
+        "class_names": (len(spec["class_names"]) == n, f"{n} names (num_classes)"),
+        "mean": (len(spec["mean"]) == 3 and all(map(math.isfinite, spec["mean"])), "3 numbers"),
+        "std": (len(spec["std"]) == 3 and _positive(spec["std"]), "3 positive numbers"),
+        "scales": (_positive(spec["scales"]), "positive numbers"),
+        "rates": (_positive(spec["rates"]), "positive integers"),
+    }
+    for key, (ok, expected) in ranges.items():
+        if not ok:
+            src.fail(f"spec[{key!r}] is {spec[key]!r}, expected {expected}")
+    for key in ("strides", "dilations"):
+        if key in kwargs and not _positive(kwargs[key]):
+            src.fail(f"spec['backbone'][{key!r}] is {kwargs[key]!r}, expected positive integers")
+    return spec
+
+
+def build_deeplab(spec: Mapping[str, Any], src: Source | None = None) -> DeepLabV2:
+    """DeepLabV2 from a checkpoint spec (checked first; `src`: its file, for the errors). The
+    backbone class comes from the BACKBONES allow-list, never from Hydra's instantiate, and
+    starts without pretrained weights (the checkpoint's state dict replaces them, and loading
+    must not need the network, nor read any file the spec names)."""
+    src = src or Source(Path("<segmenter spec>"), SEGMENTER_FIX, CheckpointError)
+    spec = check_spec(spec, src)
+    backbone_cfg = {k: v for k, v in spec["backbone"].items() if k != "_target_"}
+    backbone_cls = BACKBONES[spec["backbone"]["_target_"]][0]
+    try:
+        backbone = backbone_cls(**{**backbone_cfg, "weights": None, "weights_path": None})
+    except (ValueError, TypeError) as err:  # e.g. an unknown arch or norm
+        src.fail(f"spec['backbone'] does not build a backbone ({err})", err)
+    return DeepLabV2(backbone, spec["num_classes"], spec["rates"])
 
 
 def save_segmenter(path: str | os.PathLike, net: DeepLabV2, spec: Mapping[str, Any]) -> None:
     """A self-describing checkpoint: the weights plus everything needed to rebuild the net and
     preprocess an image (backbone config, classes, normalisation, MSC scales)."""
-    missing = [k for k in SPEC_KEYS if k not in spec]
-    if missing:
-        raise ValueError(f"segmenter spec lacks {missing}")
+    # What load_segmenter would refuse is refused now, not when a later run loads it.
+    check_spec(dict(spec), Source(Path(path), "build the spec like segmenter_spec()", ValueError))
     payload = {"format": SEGMENTER_FORMAT, "spec": dict(spec), "state_dict": net.state_dict()}
     atomic_torch_save(path, payload)
 
@@ -277,20 +356,21 @@ def load_segmenter(path: str | os.PathLike) -> tuple[DeepLabV2, dict[str, Any]]:
             f"segmenter checkpoint {path} not found: point at round_<t>/train_segmenter/"
             "segmenter.pt of a finished run"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, not a torch file, pickled objects
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({err})") from err
+    src = Source(path, SEGMENTER_FIX, CheckpointError)
+    payload = read_torch(src)
     if not isinstance(payload, dict) or payload.get("format") != SEGMENTER_FORMAT:
         raise CheckpointError(
             f"{path} is not a segmenter checkpoint (format {SEGMENTER_FORMAT!r}); use the "
             "segmenter.pt written by the train_segmenter stage, not a Lightning .ckpt or a CAM/"
             "affinity weight file"
         )
-    spec = payload["spec"]
-    net = build_deeplab(spec)
+    unknown = sorted(map(str, set(payload) - {"format", "spec", "state_dict"}))
+    if unknown:
+        src.fail(f"unknown entries {unknown} (known: format, spec, state_dict)")
+    state = tensor_state_dict(payload.get("state_dict"), src, "the 'state_dict'")
+    net = build_deeplab(payload.get("spec"), src)
     try:
-        net.load_state_dict(payload["state_dict"])
+        net.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model it describes ({err})") from err
-    return net.eval(), spec
+    return net.eval(), payload["spec"]

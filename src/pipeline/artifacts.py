@@ -7,14 +7,21 @@ half-written artifact that a later run would take as finished.
 
 from __future__ import annotations
 
-import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.utils.io import atomic_write_json
+from src.utils.untrusted import read_json_object
 
 DONE_FILE = "DONE.json"
+
+
+def is_temp_file(path: Path) -> bool:
+    """A temporary file of `src.utils.io`'s atomic writes (`.{name}.{random}.tmp`, renamed into
+    place when complete): one still there was cut short by a kill and holds nothing usable."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
 class MissingArtifactError(FileNotFoundError):
@@ -38,9 +45,7 @@ class StageDir:
         return self.path / DONE_FILE
 
     def read_done(self) -> dict | None:
-        if not self.done_file.is_file():
-            return None
-        return json.loads(self.done_file.read_text())
+        return read_json_object(self.done_file)  # a damaged marker: the stage is redone
 
     def is_done(self, config_hash: str) -> bool:
         done = self.read_done()
@@ -68,8 +73,47 @@ class StageDir:
             },
         )
 
+    def remove_temp_files(self) -> int:
+        """Delete the temporary files an interrupted attempt left in this stage's folder (and its
+        subfolders, nothing outside); returns how many. Lightning's checkpoints are not among
+        them: its local `_atomic_save` writes to the system temp folder, not here."""
+        if not self.path.is_dir():
+            return 0
+        stale = [p for p in self.path.rglob(".*.tmp") if is_temp_file(p)]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
     def reset(self) -> None:
         """Start the stage over: remove what an earlier, different or unfinished attempt left."""
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
+
+
+# -- per-image stages: what an interrupted attempt already wrote --------------------------------
+Output = tuple[Path, str]  # (folder, suffix): item `id` is at folder / f"{id}{suffix}"
+
+
+def missing_items(ids: Sequence[str], *outputs: Output) -> list[int]:
+    """Indices of the items whose outputs are not all on disk: what this attempt must compute.
+
+    An item whose files exist under their final names is complete and is reused as it is: every
+    per-image file is written to a temporary name in the same folder and renamed into place
+    (`src.utils.io`), so the final name never holds a partial file. Existence is the validity
+    check; what a kill cuts short is a `.*.tmp`, removed when the stage restarts."""
+    return [
+        i
+        for i, image_id in enumerate(ids)
+        if not all((folder / f"{image_id}{suffix}").is_file() for folder, suffix in outputs)
+    ]
+
+
+def resume_counts(ids: Sequence[str], todo: Sequence[int], *outputs: Output) -> dict[str, int]:
+    """For DONE.json after a per-image stage ran: `computed`, the items of `todo` now on disk
+    (written by this attempt), and `reused`, the items that were already there and skipped.
+    Counted from the disk, not from `todo`, so `computed + reused == len(ids)` is a check that
+    every item was produced (call it once every rank has finished writing)."""
+    todo_set = set(todo)
+    on_disk = set(range(len(ids))) - set(missing_items(ids, *outputs))
+    return {"computed": len(on_disk & todo_set), "reused": len(on_disk - todo_set)}

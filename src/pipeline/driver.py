@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from src.datamodules import prepare_data
 from src.evaluation.report import (
     attach_upper_bound,
     load_results,
@@ -25,23 +26,25 @@ from src.evaluation.report import (
     write_markdown,
 )
 from src.pipeline.artifacts import StageDir
+from src.pipeline.fingerprint import data_fingerprints, file_digest
+from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
-    config_hash,
     finish_loggers,
     is_global_zero,
     log_metrics,
-    picked_config,
-    stage_seed,
+    run_on_rank_zero,
 )
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
 from src.pipeline.stages.context import validate_conta
 from src.utils.io import atomic_write_json
+from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)
 RUNNING_FILE = "RUNNING.json"
+FINGERPRINTS_FILE = "data_fingerprints.json"
 
 
 class PipelineError(RuntimeError):
@@ -89,17 +92,27 @@ def run_pipeline(cfg: DictConfig) -> dict:
     stages = check_stages(cfg)
     if cfg.round < 0:
         raise PipelineError(f"round={cfg.round} must be >= 0")
-    if is_global_zero():
+
+    def start_run() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    previous: dict[str, str] = {}
+
+    run_on_rank_zero(start_run, "writing the run's config")
+    fingerprints = _data_fingerprints(cfg, run_dir)
+    digests = plan_digests(cfg, stages, fingerprints, _weights_digest(cfg))
+    redone: set[tuple[int, str]] = set()
     for round_idx in range(cfg.round + 1):
-        hashes: dict[str, str] = {}
         for stage in stages:
-            hashes[stage.name] = _run_stage(cfg, run_dir, round_idx, stage, hashes, previous)
-        previous = hashes
-    barrier()
-    if is_global_zero():
+            reason = _redo_reason(cfg, stage, round_idx, redone)
+            picked = picked_config(
+                cfg, stage_keys(stage, round_idx), fingerprints, _weights_digest(cfg)
+            )
+            key = (round_idx, stage.name)
+            if _run_stage(cfg, run_dir, round_idx, stage, digests[key], picked, reason):
+                redone.add(key)
+    barrier()  # every rank has left its last stage
+
+    def report() -> None:
         if cfg.get("upper_bound"):
             bound_dir = Path(cfg.paths.output_dir) / cfg.upper_bound / f"seed_{cfg.seed}"
             attach_upper_bound(run_dir, bound_dir, cfg.upper_bound)
@@ -108,8 +121,44 @@ def run_pipeline(cfg: DictConfig) -> dict:
             round_curves(results, run_dir / "rounds.png")
         write_markdown(run_dir)
         print_results(results)
-    barrier()
+
+    run_on_rank_zero(report, "the results table")
     return load_results(run_dir)
+
+
+def _data_fingerprints(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+    """Content fingerprints of the configured splits: rank 0 reads the files, every rank reads
+    its result, so all ranks hash alike."""
+    path = run_dir / FINGERPRINTS_FILE
+
+    def digest_splits() -> None:
+        prepare_data(cfg.data)  # a generated set must exist before its files are digested
+        names = {cfg.data.get(k) for k in ("train_split", "eval_split", "val_split")}
+        configured = set(cfg.data.get("splits") or {})
+        atomic_write_json(path, data_fingerprints(cfg.data, sorted(names & configured)))
+
+    run_on_rank_zero(digest_splits, "fingerprinting the data")
+    return json.loads(path.read_text())
+
+
+def _weights_digest(cfg: DictConfig):
+    cache_dir = cfg.data.get("cache_dir")
+    return lambda path: file_digest(path, cache_dir)
+
+
+def _redo_reason(
+    cfg: DictConfig, stage: Stage, round_idx: int, redone: set[tuple[int, str]]
+) -> str | None:
+    """Why a stage must run even if its DONE.json matches: it is forced, or a stage it reads was
+    just redone (forced work need not reproduce bit for bit, e.g. on a GPU, so everything
+    downstream of it is redone too)."""
+    if stage.name in cfg.force:
+        return "forced"
+    inputs = [(round_idx, i) for i in stage.present_inputs(list(cfg.stages))]
+    if round_idx > 0:
+        inputs += [(round_idx - 1, i) for i in stage.previous_inputs]
+    rerun = [f"round {r} {name}" for r, name in inputs if (r, name) in redone]
+    return f"its input was redone ({', '.join(rerun)})" if rerun else None
 
 
 def _run_stage(
@@ -117,28 +166,25 @@ def _run_stage(
     run_dir: Path,
     round_idx: int,
     stage: Stage,
-    hashes: dict[str, str],
-    previous: dict[str, str],
-) -> str:
+    digest: str,
+    picked: dict,
+    reason: str | None,
+) -> bool:
+    """Run `stage` unless its DONE.json matches `digest` (and no `reason` says otherwise);
+    returns whether it ran."""
     sdir = StageDir(run_dir, round_idx, stage.name)
     inputs = stage.present_inputs(list(cfg.stages))
-    keys = list(stage.config_keys)
-    upstream = [hashes[i] for i in inputs]
     prev_inputs = stage.previous_inputs if round_idx > 0 else ()
-    if round_idx > 0:
-        keys += stage.round_keys
-        upstream += [f"r{round_idx - 1}:{previous[i]}" for i in prev_inputs]
-    digest = config_hash(cfg, keys, upstream)
     barrier()  # every rank decides skip-or-run on the same state of the disk
-    if stage.name not in cfg.force and sdir.is_done(digest):
+    if reason is None and sdir.is_done(digest):
         log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
-        return digest
-    if stage.name not in cfg.force:
-        _explain_redo(sdir, picked_config(cfg, keys))
+        return False
+    if reason is None:
+        _explain_redo(sdir, picked)
+    else:
+        log.info("round %d: redoing %s: %s", round_idx, stage.name, reason)
     barrier()
-    if is_global_zero():
-        _prepare_stage_dir(sdir, digest)
-    barrier()
+    run_on_rank_zero(lambda: _prepare_stage_dir(sdir, digest), f"preparing {sdir.path}")
     seed = stage_seed(cfg.seed, stage.name)
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = StageContext(
@@ -152,19 +198,25 @@ def _run_stage(
     )
     log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, seed)
     start = time.perf_counter()
-    if stage.rank_zero_only and not is_global_zero():
-        barrier()
-        return digest
-    ctx.loggers = build_loggers(cfg, round_idx, stage.name, sdir.path) if is_global_zero() else []
-    status = "failed"
-    try:
-        result = stage.run(ctx)
-        log_metrics(ctx.loggers, result.metrics)  # before finishing: W&B drops later calls
-        status = "success"
-    finally:
-        finish_loggers(ctx.loggers, status)
-    seconds = time.perf_counter() - start
-    if is_global_zero():
+
+    # Rank-0 work ends in a settle rather than a bare barrier: when rank 0 fails, every rank
+    # stops at once and the error is shown once (see runtime.ranks_settle), instead of the other
+    # ranks waiting out the collective timeout.
+    def execute():
+        ctx.loggers = (
+            build_loggers(cfg, round_idx, stage.name, sdir.path) if is_global_zero() else []
+        )
+        status = "failed"
+        try:
+            result = stage.run(ctx)
+            log_metrics(ctx.loggers, result.metrics)  # before finishing: W&B drops later calls
+            status = "success"
+        finally:
+            finish_loggers(ctx.loggers, status)
+        return result
+
+    def record(result) -> None:
+        seconds = time.perf_counter() - start
         # Stages without a results row still record their seconds.
         update_results(
             run_dir,
@@ -181,12 +233,17 @@ def _run_stage(
             metrics=result.metrics,
             seconds=seconds,
             artifacts=result.artifacts,
-            config=picked_config(cfg, keys),
+            config=picked,
         )
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
-    if stage.rank_zero_only:
-        barrier()
-    return digest
+
+    what = f"round {round_idx}: {stage.name}"
+    if stage.rank_zero_only:  # numpy-only steps: rank 0 works, the others wait
+        run_on_rank_zero(lambda: record(execute()), what)
+    else:  # every rank runs the stage (its trainers sync them); rank 0 keeps the books
+        result = execute()
+        run_on_rank_zero(lambda: record(result), what)
+    return True
 
 
 def _explain_redo(sdir: StageDir, config: dict) -> None:
@@ -195,7 +252,7 @@ def _explain_redo(sdir: StageDir, config: dict) -> None:
     done = sdir.read_done() if is_global_zero() else None
     if done is None:
         return
-    old = done.get("config", {})
+    old = done.get("config") if isinstance(done.get("config"), dict) else {}
     changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
     why = f"config changed: {changed}" if changed else "an input stage was redone"
     log.warning(
@@ -208,13 +265,21 @@ def _explain_redo(sdir: StageDir, config: dict) -> None:
 
 
 def _prepare_stage_dir(sdir: StageDir, digest: str) -> None:
-    """Keep an interrupted attempt at the same config (resume); wipe anything else."""
+    """Keep an interrupted attempt at the same config (resume); wipe anything else.
+
+    A resumed attempt keeps every finished file but not the temporary files of writes a kill
+    cut short (`.{name}.{random}.tmp` of src/utils/io.py, anywhere under this stage's folder and
+    nowhere else): they never become artifacts and would pile up over repeated kills."""
     running = sdir.path / RUNNING_FILE
-    same_attempt = (
-        running.is_file() and json.loads(running.read_text()).get("config_hash") == digest
-    )
+    same_attempt = (read_json_object(running) or {}).get("config_hash") == digest
     if same_attempt and sdir.read_done() is None:
-        log.info("resuming interrupted %s", sdir.path)
+        removed = sdir.remove_temp_files()
+        log.info(
+            "resuming interrupted %s (%d temporary file%s of the killed attempt removed)",
+            sdir.path,
+            removed,
+            "" if removed == 1 else "s",
+        )
         return
     sdir.reset()
     atomic_write_json(running, {"config_hash": digest})

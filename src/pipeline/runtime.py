@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import torch.distributed as dist
@@ -34,35 +37,103 @@ def barrier() -> None:
         dist.barrier()
 
 
-def picked_config(cfg: DictConfig, keys: list[str]) -> dict:
-    """The resolved config subtrees a stage depends on."""
-    return {k: _resolved(OmegaConf.select(cfg, k)) for k in keys}
+# Failures under DDP. Rank-0-only work used to end at a bare barrier: when rank 0 raised, the
+# other ranks sat in that barrier until the collective timeout (30 min; under gloo they instead
+# died of "connection closed" with a second, misleading traceback). A settle replaces such a
+# barrier: every rank learns whether any rank failed, the failed one logs its error once, the
+# others raise RankFailed, which `src.train.train` prints as one line; all exit with status 1.
+
+T = TypeVar("T")
+LAUNCHER_PID = "WSSS_LAUNCHER_PID"  # rank 0's pid, for the ranks Lightning starts as its children
 
 
-# How stage seeds are drawn (see stage_seed); part of every hash, so runs finished under an
-# earlier scheme (a seed per round) are redone rather than mixed with this one's.
-SEEDING = "per-stage"
+class RankFailed(RuntimeError):
+    """Another rank failed in a section every rank shares; that rank shows the error itself."""
 
 
-def config_hash(cfg: DictConfig, keys: list[str], upstream: list[str]) -> str:
-    """Hash of the resolved config subtrees a stage depends on, chained with its inputs' hashes."""
-    blob = json.dumps(
-        {"cfg": picked_config(cfg, keys), "upstream": upstream, "seeding": SEEDING},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _resolved(node):
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+@contextmanager
+def ranks_settle(what: str) -> Iterator[None]:
+    """A barrier that cannot hang on a failed rank, after a block that holds no collective:
+    every rank runs the block, then all of them learn which ranks failed in it.
+
+    A rank whose block raised logs the error with its traceback and re-raises it (marked, see
+    `error_shown`); the others raise RankFailed. No-op in a single process. The block must not
+    itself wait on other ranks: a rank failing inside a collective is Lightning's to handle."""
+    if not _several_ranks():
+        yield
+        return
+    try:
+        yield
+    except Exception as error:
+        log.error("rank %d failed in %s", dist.get_rank(), what, exc_info=error)
+        with suppress(AttributeError):  # an exception type that takes no attributes
+            error._shown_by_rank = True  # type: ignore[attr-defined]
+        _failed_ranks(True)
+        raise
+    failed = _failed_ranks(False)
+    if failed:
+        raise RankFailed(f"rank {failed[0]} failed in {what}; see its error")
 
 
-def stage_seed(base_seed: int, stage: str) -> int:
-    """A distinct, reproducible seed per (seed, stage), the same in every round: rounds then
-    share their random numbers (init, data order, augmentation) and differ by M alone."""
-    digest = hashlib.sha1(f"{base_seed}/{stage}".encode()).hexdigest()
-    return int(digest[:8], 16) % (2**31 - 1)
+def run_on_rank_zero(fn: Callable[[], T], what: str) -> T | None:
+    """fn() on rank 0 while the other ranks wait (None there); they all leave together, each
+    with rank 0's failure if fn raised (the error itself on rank 0, RankFailed elsewhere)."""
+    result = None
+    with ranks_settle(what):
+        if is_global_zero():
+            result = fn()
+    return result
+
+
+def _failed_ranks(failed: bool) -> list[int]:
+    flags: list = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, failed)  # the barrier itself; objects work under NCCL too
+    return [rank for rank, flag in enumerate(flags) if flag]
+
+
+def error_shown(error: BaseException) -> bool:
+    """True for an error its rank already logged in full (in a `ranks_settle` block)."""
+    return getattr(error, "_shown_by_rank", False) is True
+
+
+def end_distributed() -> None:
+    """Destroy the process group (local, no collective) so that exiting waits on no peer."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_with_rank_zero(poll_s: float = 1.0) -> Callable[[], None]:
+    """Lightning's launcher starts ranks 1.. as children of rank 0's process. Rank 0 notes its
+    pid here for them; such a child then exits (status 1, one line) once rank 0's process is
+    gone, wherever either was: a backstop for failures outside a settle (e.g. rank 0 failing in
+    a trainer under NCCL, whose collectives wait out their timeout on a dead peer). Ranks another
+    launcher started (torchrun, SLURM) are left to it. Returns the function that stops the watch
+    (call it when done). The converse, a child failing, Lightning's launcher handles: it kills
+    rank 0 when a child exits non-zero."""
+    if is_global_zero():
+        os.environ[LAUNCHER_PID] = str(os.getpid())
+        return lambda: None
+    parent = os.getppid()
+    if os.environ.get(LAUNCHER_PID) != str(parent):
+        return lambda: None
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if os.getppid() != parent:
+                rank = global_rank()
+                log.error("rank %d: rank 0 (pid %d) has ended; stopping too", rank, parent)
+                for stream in (sys.stdout, sys.stderr):
+                    with suppress(Exception):
+                        stream.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="rank-zero-watch", daemon=True).start()
+    return done.set
 
 
 def wandb_logged_in() -> bool:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
+import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,11 +30,38 @@ class StageContext:
     # Folders of the previous round's stages this one reads (CONTA: its confounders); empty in
     # round 0, the plain baseline.
     previous: dict[str, Path] = field(default_factory=dict)
+    # The optimizer step the training of this attempt starts from (set by checkpoint_to_resume).
+    resumed_from_step: int = field(default=0, init=False)
 
     def checkpoint_to_resume(self) -> str | None:
-        """Lightning's last.ckpt of an interrupted attempt at this same stage config, if any."""
+        """Lightning's last.ckpt of an interrupted attempt at this same stage config, if any.
+
+        Checkpoints are taken at the end of a training epoch (conf/callbacks/default.yaml) with
+        the global RNG states (src/callbacks/rng_state.py), and the training loaders draw order
+        and crops from (stage seed, epoch, index), so the resumed run continues the
+        uninterrupted one exactly. Also records the step it starts from (`resumed_from_step`)."""
+        self.resumed_from_step = 0
         last = self.dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            return None
+        # torch.save's zip archive ends with its central directory: a file cut short (a copy
+        # across file systems killed half-way) lacks it. Start over rather than fail to load.
+        if not zipfile.is_zipfile(last):
+            log.warning("%s is not a complete checkpoint: training starts over", last)
+            last.unlink()
+            return None
+        ckpt = torch.load(last, map_location="cpu", mmap=True, weights_only=True)
+        self.resumed_from_step = int(ckpt.get("global_step", 0))
+        log.info("%s: resuming from %s (step %d)", self.name, last, self.resumed_from_step)
+        return str(last)
+
+    def training_resume(self, trainer: L.Trainer) -> dict[str, int]:
+        """For a training stage's DONE.json metrics: the optimizer step this attempt resumed
+        from (0 for a fresh start) and the optimizer steps it did itself."""
+        return {
+            "resumed_from_step": self.resumed_from_step,
+            "steps": int(trainer.global_step) - self.resumed_from_step,
+        }
 
 
 @dataclass

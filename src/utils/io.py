@@ -1,10 +1,13 @@
 """Atomic file writes: a temp file in the same folder, then os.replace.
 
 Readers (and a resumed run) never see half a file: a file either exists complete or not at all.
+A write that fails because the disk is full or the folder is read-only raises DiskWriteError: one
+line naming the file and the fix, the temp file removed.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,8 +27,77 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+# A full disk (or quota) and a folder we may not write to: the user's to fix, not a bug.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class DiskWriteError(OSError):
+    """A file could not be written: the disk is full or the folder is read-only. str() is one
+    line with the path and the fix; errno, strerror and filename are the OSError's. Build it
+    with `disk_write_error`."""
+
+    message = ""
+
+    def __str__(self) -> str:
+        return self.message or super().__str__()
+
+
+# Where our writes go: run outputs, or data and caches (the generated set, label caches).
+OUTPUT_SETTINGS = "paths.output_dir (or paths.data_dir for data and caches)"
+
+
+def disk_write_error(
+    err: BaseException,
+    path: str | os.PathLike | None = None,
+    setting: str = OUTPUT_SETTINGS,
+    unnamed: str = "a file (the error names none)",
+) -> DiskWriteError | None:
+    """`err` as a DiskWriteError when it is a full-disk or read-only-folder OSError (None for any
+    other error). `path`: the file being written (default: the one the OSError names, else
+    `unnamed`); `setting`: the config key that chooses the folder, named in the fix."""
+    if isinstance(err, DiskWriteError):
+        return err
+    if not isinstance(err, OSError) or err.errno not in (*_FULL, *_READ_ONLY):
+        return None
+    filename = str(path) if path is not None else err.filename
+    clear = DiskWriteError(err.errno, err.strerror, filename)
+    if err.errno in _FULL:
+        fix = f"free disk space there, or point {setting} at a disk with room"
+    else:
+        fix = f"point {setting} at a writable folder"
+    clear.message = f"cannot write {filename or unnamed}: {err.strerror}. Fix: {fix}"
+    return clear
+
+
+def run_write_error(err: BaseException, paths: Any) -> DiskWriteError | None:
+    """For the entry point: a full-disk or read-only-folder OSError that no atomic write here
+    translated (Lightning's checkpoints, loggers, figures, plain mkdirs) as a DiskWriteError
+    naming the setting of its folder (`paths`: cfg.paths); None for any other error and for one
+    already translated."""
+    if isinstance(err, DiskWriteError) or not isinstance(err, OSError):
+        return None
+    if err.filename is None:
+        # Lightning writes a checkpoint to the system temp folder, then moves it into place.
+        where = f"a file under {paths.output_dir} or {tempfile.gettempdir()}"
+        return disk_write_error(err, setting="paths.output_dir (or TMPDIR)", unnamed=where)
+    failed = Path(os.fsdecode(err.filename)).resolve()
+    in_data = failed.is_relative_to(Path(paths.data_dir).resolve())
+    return disk_write_error(err, setting="paths.data_dir" if in_data else "paths.output_dir")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
+    try:
+        _atomic_write_bytes(path, data)
+    except OSError as err:
+        clear = disk_write_error(err, path)
+        if clear is None:
+            raise
+        raise clear from err
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

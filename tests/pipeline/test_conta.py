@@ -16,7 +16,8 @@ from src.evaluate import evaluate
 from src.models.context import ConfounderError, Confounders, resize_nearest
 from src.pipeline import driver
 from src.pipeline.artifacts import StageDir
-from src.pipeline.runtime import picked_config
+from src.pipeline.hashing import picked_config, stage_keys
+from src.pipeline.stages import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
 from tests.pipeline.conftest import copy_run
@@ -87,8 +88,8 @@ def test_confounders_of_another_data_set_are_refused(finished_run, tmp_path):
     meta["dataset"] = "voc"
     arrays["meta"] = np.array(json.dumps(meta))
     np.savez(path, **arrays)
-    with open_dict(cfg):
-        cfg.force = ["train_cam"]
+    # Round 1's classifier is redone (force would redo round 0 first, rewriting the file).
+    StageDir(Path(cfg.paths.run_dir), 1, "train_cam").done_file.unlink()
     with pytest.raises(ConfounderError, match="voc"):
         train(cfg)
 
@@ -99,7 +100,9 @@ def test_a_redone_stage_says_which_setting_changed(finished_run, tmp_path, caplo
         cfg.segmenter.crf.iterations = 3
     sdir = StageDir(Path(cfg.paths.run_dir), 0, "crf_segmenter")
     with caplog.at_level(logging.WARNING, logger="src.pipeline.driver"):
-        driver._explain_redo(sdir, picked_config(cfg, ["data.val_split", "segmenter.crf"]))
+        fingerprints = json.loads((sdir.run_dir / driver.FINGERPRINTS_FILE).read_text())
+        keys = stage_keys(STAGES["crf_segmenter"], 0)
+        driver._explain_redo(sdir, picked_config(cfg, keys, fingerprints))
     assert "config changed: ['segmenter.crf']" in caplog.text
 
 
@@ -139,6 +142,25 @@ def test_eval_reproduces_the_run_and_scores_another_split(finished_run, tmp_path
     out = Path(cfg.paths.run_dir) / "eval/round_1_train"
     assert len(list((out / "predict_segmenter/masks").glob("*.png"))) == 24
     assert (out / "results.json").is_file()
+
+
+def test_eval_redoes_its_predictions_after_the_run_was_retrained(finished_run, tmp_path):
+    cfg = copy_run(finished_run, tmp_path)
+    with open_dict(cfg):
+        cfg.split, cfg.crf = "train", False
+    first = evaluate(cfg)
+    out = Path(cfg.paths.run_dir) / "eval/round_1_train/predict_segmenter/masks"
+    stale = sorted(out.glob("*.png"))[0]
+    fresh = stale.read_bytes()
+    stale.write_bytes(b"from the weights before the retrain")
+    # What a retrain of the segmenter leaves: the same folders, another hash in DONE.json.
+    done = StageDir(Path(cfg.paths.run_dir), 1, "train_segmenter")
+    record = done.read_done()
+    record["config_hash"] = "0" * 16
+    done.done_file.write_text(json.dumps(record))
+    again = evaluate(cfg)
+    assert stale.read_bytes() == fresh
+    assert again["seg"]["miou"] == first["seg"]["miou"]
 
 
 def test_eval_of_an_unfinished_round_says_what_to_run(finished_run, tmp_path):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import textwrap
+import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import FAST
+from tests.conftest import FAST, compose_cfg
 from tests.pipeline.conftest import ROUND0
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +45,32 @@ def run(root: Path, *extra: str) -> dict:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((root / "outputs/synth_conta/seed_0/results.json").read_text())["rounds"]["0"]
+
+
+def launch(root: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float, float]:
+    """`python train.py` as `run` does, whatever its outcome; its seconds from launch until every
+    rank has ended, and the time.time() then. The other ranks inherit its stdout and stderr, so
+    the pipes close only when the last process is gone."""
+    env = {**os.environ, "PROJECT_ROOT": str(root)}
+    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *extra]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return done, time.monotonic() - start, time.time()
+
+
+# A failed rank could leave the others in a collective until its 30-minute timeout (gloo does
+# notice a peer's closed socket, with a second, misleading traceback; NCCL does not). Once the
+# error is logged every process must be gone within EXIT_BOUND_S, and the whole failing command
+# (two processes starting, importing, predicting on 2 shared cores) within COMMAND_BOUND_S.
+EXIT_BOUND_S = 60
+COMMAND_BOUND_S = 300
+
+
+def logged_at(out: str, message: str) -> float:
+    """The time.time() of the one log line ending in `message` (Hydra's `[%Y-%m-%d %H:%M:%S,ms]`)."""
+    lines = [line for line in out.splitlines() if line.endswith(message)]
+    assert len(lines) == 1, lines
+    return datetime.strptime(lines[0][1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def round_dir(root: Path) -> Path:
@@ -79,3 +109,157 @@ def test_sharded_inference_matches_a_single_process_run(tmp_path):
         np.testing.assert_array_equal(a["ids"], b["ids"])
         np.testing.assert_allclose(a["centers"], b["centers"], atol=1e-6)
         np.testing.assert_array_equal(a["codes"], b["codes"])
+
+
+def test_a_rank_zero_stage_failing_ends_every_rank(tmp_path):
+    """eval_cams (rank 0 only; train_cam has started the second rank) meets a sweep threshold it
+    cannot read: both ranks end promptly and non-zero; rank 0 shows the error, once, and the
+    other rank says in one line where rank 0 failed."""
+    done, seconds, ended = launch(
+        tmp_path,
+        "trainer=ddp_cpu",
+        "stages=[train_cam,make_cams,eval_cams]",
+        "cam.eval.sweep=[0.1,high]",  # read by eval_cams alone
+    )
+    out = done.stdout + done.stderr
+    failed = logged_at(out, "rank 0 failed in round 0: eval_cams")
+    print(
+        f"failing DDP run: {seconds:.1f} s launch to exit, {ended - failed:.1f} s failure to exit"
+    )
+    assert ended - failed < EXIT_BOUND_S, out[-4000:]
+    assert seconds < COMMAND_BOUND_S, out[-4000:]
+    assert done.returncode != 0, out[-4000:]
+    assert out.count("could not convert string to float: 'high'") == 1, out[-6000:]
+    assert out.count("Traceback (most recent call last)") == 1, out[-6000:]
+    assert out.count("rank 0 failed in round 0: eval_cams; see its error") == 1, out[-4000:]
+    assert "Connection closed" not in out
+    rdir = round_dir(tmp_path)
+    assert (rdir / "make_cams/DONE.json").is_file()
+    assert not (rdir / "eval_cams/DONE.json").exists()
+
+
+def test_prepare_data_failing_on_rank_zero_ends_the_run(tmp_path):
+    """Rank 0 prepares the data before Lightning starts the other rank: a data folder it must
+    not overwrite ends the run at once, with the error shown once."""
+    cfg = compose_cfg([*ARGS, "trainer=ddp_cpu"], tmp_path)
+    data_root = Path(cfg.data.root)
+    data_root.mkdir(parents=True)
+    (data_root / "someone_elses.txt").write_text("not a synthetic data set")
+    done, seconds, _ = launch(tmp_path, "trainer=ddp_cpu")
+    out = done.stdout + done.stderr
+    print(f"failing DDP run (prepare_data): {seconds:.1f} s from launch until it ended")
+    assert seconds < COMMAND_BOUND_S, out[-4000:]
+    assert done.returncode != 0
+    assert out.count("is not a synthetic data set folder (no meta.json)") == 1, out[-4000:]
+    assert not (tmp_path / "outputs/synth_conta/seed_0/round_0").exists()
+
+
+SETTLE_SCRIPT = """
+import json
+import sys
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from src.pipeline.runtime import RankFailed, error_shown, ranks_settle, run_on_rank_zero
+
+
+def outcome(block):
+    try:
+        return f"ok {block()}"
+    except RankFailed as error:
+        return f"RankFailed: {error}"
+    except (ValueError, ZeroDivisionError) as error:
+        return f"own {type(error).__name__}, shown={error_shown(error)}"
+
+
+def settle(rank, failing):
+    with ranks_settle(f"rank {failing}'s part"):
+        if rank == failing:
+            raise ValueError("boom")
+
+
+def worker(rank, port, out):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    seen = {f"{failing} fails": outcome(lambda: settle(rank, failing)) for failing in (0, 1, 2)}
+    seen["on rank 0, fails"] = outcome(lambda: run_on_rank_zero(lambda: 1 / 0, "division"))
+    seen["on rank 0"] = outcome(lambda: run_on_rank_zero(lambda: 42, "answer"))
+    dist.destroy_process_group()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump(seen, f)
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_settle_on_two_gloo_ranks(tmp_path):
+    """Either rank failing in a settled block: it re-raises its own error (already logged), the
+    other gets RankFailed naming it; nobody waits on the failed rank."""
+    script = tmp_path / "settle.py"
+    script.write_text(SETTLE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(script), str(free_port()), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    own = "own ValueError, shown=True"
+    assert seen[0]["0 fails"] == seen[1]["1 fails"] == own
+    assert seen[1]["0 fails"] == "RankFailed: rank 0 failed in rank 0's part; see its error"
+    assert seen[0]["1 fails"] == "RankFailed: rank 1 failed in rank 1's part; see its error"
+    assert seen[0]["2 fails"] == seen[1]["2 fails"] == "ok None"
+    assert seen[0]["on rank 0, fails"] == "own ZeroDivisionError, shown=True"
+    assert seen[1]["on rank 0, fails"] == "RankFailed: rank 0 failed in division; see its error"
+    assert (seen[0]["on rank 0"], seen[1]["on rank 0"]) == ("ok 42", "ok None")
+    # Each failure logged once, by its own rank.
+    assert done.stderr.count("Traceback (most recent call last)") == 3, done.stderr[-4000:]
+
+
+WATCHED_CHILD = textwrap.dedent(
+    """
+    import time
+    from src.pipeline.runtime import exit_with_rank_zero
+    exit_with_rank_zero(poll_s=0.1)
+    print("watching", flush=True)
+    time.sleep(60)
+    """
+)
+FAKE_RANK_ZERO = textwrap.dedent(
+    f"""
+    import os, subprocess, sys, time
+    from src.pipeline.runtime import exit_with_rank_zero
+    exit_with_rank_zero()  # rank 0: notes its pid for its children
+    child = subprocess.Popen(
+        [sys.executable, "-c", {WATCHED_CHILD!r}],
+        env={{**os.environ, "LOCAL_RANK": "1"}},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "watching"
+    print(time.time(), flush=True)
+    sys.exit(3)  # dies without a word to its child, as a crashed rank 0 would
+    """
+)
+
+
+def test_a_rank_started_by_rank_zero_ends_with_it(tmp_path):
+    """The backstop for failures no settle covers: a rank Lightning's launcher started as rank
+    0's child exits (status 1, one line) soon after rank 0's process is gone."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LOCAL_RANK", None)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-c", FAKE_RANK_ZERO]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # run() returns once the child, which shares stderr, has ended too: well before its 60 s.
+    assert done.returncode == 3, done.stderr[-4000:]
+    assert time.time() - float(done.stdout) < 20, done.stderr[-4000:]
+    assert "rank 1: rank 0 (pid" in done.stderr and "has ended; stopping too" in done.stderr

@@ -77,6 +77,29 @@ def test_changed_setting_redoes_only_the_stages_it_affects(finished_run, tmp_pat
     assert before.keys() == after.keys()
 
 
+def test_force_redoes_the_stage_and_everything_that_reads_it(finished_run, tmp_path):
+    """A forced stage need not reproduce its old output bit for bit (GPU kernels), so the
+    stages that read it are redone too, not mixed with its new output."""
+    cfg = copy_run(finished_run, tmp_path)
+    run_dir = Path(cfg.paths.run_dir)
+    marks = {s: StageDir(run_dir, 0, s).done_file.stat().st_mtime_ns for s in ALL}
+    with open_dict(cfg):
+        cfg.round = 0
+        cfg.force = ["train_affinity"]
+    train(cfg)
+    redone = {s for s in ALL if StageDir(run_dir, 0, s).done_file.stat().st_mtime_ns != marks[s]}
+    assert redone == {
+        "train_affinity",
+        "make_pseudo_masks",
+        "eval_pseudo",
+        "train_segmenter",
+        "predict_segmenter",
+        "eval_segmenter",
+        "crf_segmenter",
+        "confounders",
+    }
+
+
 def test_crash_while_writing_pseudo_masks_resumes_without_partial_files(finished_run, tmp_path):
     cfg = copy_run(finished_run, tmp_path)
     sdir = StageDir(Path(cfg.paths.run_dir), 0, "make_pseudo_masks")

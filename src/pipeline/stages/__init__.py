@@ -12,10 +12,26 @@ from src.pipeline.stages.segmenter import (
     train_segmenter,
 )
 
+# What each stage's output depends on, besides its inputs (whose digests chain in). Exact: a key
+# here redoes the stage, a key missing from every list never does (tests/pipeline/test_hashes.py
+# checks every leaf of the config against its own table). `data:` / `file:` keys stand for the
+# content of a split / file (src/pipeline/hashing.py).
+
+# The recipe, not the machine: precision is a setting of the method (bf16 vs fp32); the device
+# kind and count, nodes, strategy, loader workers and determinism flags are not hashed, so a run
+# moved to other hardware continues where it stopped (its numbers then agree up to float
+# rounding, not bit for bit; README "Resume and invalidation").
+_TORCH = ("trainer.precision",)
+_TRAINING = _TORCH
+# The training images as every stage that reads them sees them.
+_TRAIN_IMAGES = ("data:train_split", "data.format", "data.on_empty_label", "data.num_classes")
+_NORMALISED = ("data.mean", "data.std")
+_CAM_NET = ("backbone", "file:backbone.weights_path")
 _CAM_TRAINING = (
-    "seed",
-    "data",
-    "backbone",
+    *_TRAINING,
+    *_TRAIN_IMAGES,
+    *_NORMALISED,
+    *_CAM_NET,
     "cam.batch_size",
     "cam.max_epochs",
     "cam.crop_size",
@@ -23,10 +39,29 @@ _CAM_TRAINING = (
     "cam.resize_long",
     "cam.optimizer",
 )
+_CAM_INFERENCE = (
+    *_TORCH,
+    *_TRAIN_IMAGES,
+    *_NORMALISED,
+    *_CAM_NET,
+    "cam.inference.scales",
+    "cam.inference.flip",
+)
+# Scored on data.eval_split; the figure shows `figure_images` of them.
+_EVAL_IMAGES = ("data:eval_split", "data.format", "data.on_empty_label", "data.num_classes")
+_VAL_IMAGES = ("data:val_split", "data.format", "data.on_empty_label", "data.num_classes")
+_IR_LABELS = (
+    *_TRAIN_IMAGES,
+    "affinity.ir_label.fg_threshold",
+    "affinity.ir_label.bg_threshold",
+    "affinity.ir_label.crf",
+)
+_AFFINITY_NET = (*_CAM_NET, "affinity.backbone_init", "affinity.edge_width", "affinity.dp_width")
 _AFFINITY_TRAINING = (
-    "affinity.backbone_init",
-    "affinity.edge_width",
-    "affinity.dp_width",
+    *_TRAINING,
+    *_TRAIN_IMAGES,
+    *_NORMALISED,
+    *_AFFINITY_NET,
     "affinity.crop_size",
     "affinity.scale_range",
     "affinity.batch_size",
@@ -39,6 +74,17 @@ _AFFINITY_TRAINING = (
     "affinity.module.irnet_momentum_quirk",
     "affinity.module.poly_power",
 )
+_RANDOM_WALK = (
+    *_TORCH,
+    *_TRAIN_IMAGES,
+    *_NORMALISED,
+    *_AFFINITY_NET,
+    "affinity.module.radius",
+    "affinity.module.beta",
+    "affinity.module.exp_times",
+    "affinity.module.walk_radius",
+    "affinity.module.bg_threshold",
+)
 # Classifier settings that only exist from round 1 on (round 0 is the plain baseline).
 _CONTA_CLASSIFIER = (
     "conta.context",
@@ -49,22 +95,32 @@ _CONTA_CLASSIFIER = (
     "conta.init",
     "conta.ablate",
 )
-_SEGMENTER_TRAINING = (
-    "data",
-    "segmenter.labels",
+_SEGMENTER_NET = (
+    "data.num_classes",
     "segmenter.backbone",
+    "file:segmenter.backbone.weights_path",
+    "segmenter.rates",
+    "segmenter.module.scales",
+)
+_SEGMENTER_TRAINING = (
+    *_TRAINING,
+    *_TRAIN_IMAGES,
+    *_NORMALISED,
+    *_SEGMENTER_NET,
+    "data.class_names",  # written into segmenter.pt
+    "segmenter.labels",
     "segmenter.backbone_init",
     "segmenter.class_balance",
-    "segmenter.rates",
     "segmenter.batch_size",
     "segmenter.accumulate_grad_batches",
     "segmenter.max_steps",
+    "segmenter.val_every_n_epochs",
     "segmenter.crop_size",
     "segmenter.scale_choices",
     "segmenter.module",
 )
+_SEGMENTER_INFERENCE = (*_TORCH, *_NORMALISED, *_SEGMENTER_NET)
 
-# config_keys: what each stage's output depends on (besides its inputs, whose hashes chain in).
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
@@ -73,30 +129,28 @@ STAGES: dict[str, Stage] = {
             train_cam,
             _CAM_TRAINING,
             previous_inputs=(CONFOUNDER_STAGE, "train_cam"),
-            round_keys=_CONTA_CLASSIFIER,
+            # The diagnostics of M (alpha, spread, logit share) are part of its results.
+            round_keys=(*_CONTA_CLASSIFIER, "conta.diagnostic_images"),
         ),
         Stage(
             "make_cams",
             make_cams,
-            ("cam.inference",),
+            _CAM_INFERENCE,
             inputs=("train_cam",),
             previous_inputs=(CONFOUNDER_STAGE,),
+            round_keys=(*_CONTA_CLASSIFIER, "conta.figure_images"),
         ),
         Stage(
             "eval_cams",
             eval_cams,
-            ("cam.eval", "data.eval_split"),
+            (*_EVAL_IMAGES, "data.class_names", "cam.eval", "figure_images"),
             inputs=("make_cams",),
             rank_zero_only=True,
         ),
         Stage(
             "make_ir_labels",
             make_ir_labels,
-            (
-                "affinity.ir_label.fg_threshold",
-                "affinity.ir_label.bg_threshold",
-                "affinity.ir_label.crf",
-            ),
+            _IR_LABELS,
             inputs=("make_cams",),
             rank_zero_only=True,
         ),
@@ -109,40 +163,40 @@ STAGES: dict[str, Stage] = {
         Stage(
             "make_pseudo_masks",
             make_pseudo_masks,
-            ("affinity.module",),
+            _RANDOM_WALK,
             inputs=("train_cam", "make_cams", "train_affinity"),
         ),
         Stage(
             "eval_pseudo",
             eval_pseudo,
-            ("data.eval_split",),
+            (*_EVAL_IMAGES, "data.class_names", "figure_images"),
             inputs=("make_ir_labels", "make_pseudo_masks"),
             rank_zero_only=True,
         ),
         Stage(
             "train_segmenter",
             train_segmenter,
-            ("seed", *_SEGMENTER_TRAINING),
+            _SEGMENTER_TRAINING,
             # train_cam: read only with segmenter.backbone_init=cam.
             optional_inputs=("make_pseudo_masks", "train_cam"),
         ),
         Stage(
             "predict_segmenter",
             predict_segmenter,
-            ("data.val_split", "segmenter.inference.logits_dtype"),
+            (*_SEGMENTER_INFERENCE, *_VAL_IMAGES, "segmenter.inference.logits_dtype"),
             inputs=("train_segmenter",),
         ),
         Stage(
             "eval_segmenter",
             eval_segmenter,
-            ("data.val_split",),
+            (*_VAL_IMAGES, "data.class_names", "figure_images"),
             inputs=("predict_segmenter",),
             rank_zero_only=True,
         ),
         Stage(
             "crf_segmenter",
             crf_segmenter,
-            ("data.val_split", "segmenter.crf"),
+            (*_VAL_IMAGES, "data.class_names", "segmenter.crf", "figure_images"),
             inputs=("predict_segmenter",),
             rank_zero_only=True,
         ),
@@ -150,7 +204,10 @@ STAGES: dict[str, Stage] = {
             CONFOUNDER_STAGE,
             make_confounders,
             (
-                "data.train_split",
+                *_SEGMENTER_INFERENCE,
+                *_TRAIN_IMAGES,
+                "data:val_split",  # M is built for the val images too
+                "data.name",  # recorded in the confounder file, checked when read
                 "conta.size",
                 "conta.prior",
                 "conta.mask_encoding",

@@ -19,8 +19,8 @@ from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
 from src.models.context import context_generator
-from src.pipeline.artifacts import MissingArtifactError
-from src.pipeline.runtime import build_trainer, is_global_zero, log_figure
+from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.runtime import barrier, build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.context import (
     FRAME_TARGETS,
@@ -31,6 +31,7 @@ from src.pipeline.stages.context import (
     previous_confounders,
 )
 from src.utils.io import atomic_torch_save
+from src.utils.untrusted import Source, read_npz, read_state_dict
 
 if TYPE_CHECKING:
     from src.models.context import Confounders
@@ -38,6 +39,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "cam_net.pt"
 CAM_DIR = "cams"
+CAM_ARRAYS = {"keys": "iu", "cam": "f", "high_res": "f"}  # what CAMClassifier.predict_step writes
+
+
+def read_weights(path: Path, stage: str) -> dict[str, torch.Tensor]:
+    """A weight file of this project (flat str -> tensor); else MissingArtifactError."""
+    fix = f"delete it and re-run the {stage} stage (force=[{stage}])"
+    return read_state_dict(Source(path, fix, MissingArtifactError))
 
 
 def build_cam_classifier(
@@ -95,11 +103,14 @@ def train_cam(ctx: StageContext) -> StageResult:
     elif cfg.conta.init not in ("reinit", "finetune"):
         raise ValueError(f"conta.init={cfg.conta.init!r}: use reinit|finetune")
     trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=cfg.cam.max_epochs)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume())
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
+    )
     if trainer.is_global_zero:
         atomic_torch_save(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = module.effective_momentum
+    metrics["resume"] = ctx.training_resume(trainer)
     if confounders is None or not trainer.is_global_zero:
         return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
     diagnostics = context_diagnostics(module, confounders, ctx)
@@ -118,7 +129,7 @@ def _load_previous_weights(module: CAMClassifier, weights: Path) -> None:
     the context injection (the class conv, a widened stage input) keep their fresh init."""
     if not weights.is_file():
         raise MissingArtifactError(f"{weights} missing: conta.init=finetune needs round t-1's")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_weights(weights, "train_cam")
     own = module.net.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     module.net.load_state_dict(kept, strict=False)
@@ -138,7 +149,7 @@ def load_classifier_backbone(
             f"{who}=cam starts from this round's classifier, but {weights_path or WEIGHTS_FILE} "
             f"is missing. Fix: add train_cam to `stages`, or set {who}=pretrained."
         )
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state = read_weights(weights_path, "train_cam")
     own = backbone.state_dict()
     weights = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     weights = {
@@ -163,7 +174,7 @@ def load_cam_classifier(
             f"{weights} is missing: re-run the train_cam stage of this round"
         )
     module = build_cam_classifier(cfg, confounders)
-    module.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    module.net.load_state_dict(read_weights(weights, "train_cam"))
     return module
 
 
@@ -176,9 +187,9 @@ def make_cams(ctx: StageContext) -> StageResult:
     dataset = classifier_inference_set(cfg, confounders)
     if confounders is not None and is_global_zero():
         context_figure(module, dataset, confounders, ctx)
-    todo = [
-        i for i, image_id in enumerate(dataset.ids) if not (out_dir / f"{image_id}.npz").is_file()
-    ]
+    # Resume: the CAMs an interrupted attempt wrote are complete (see missing_items) and kept.
+    todo = missing_items(dataset.ids, (out_dir, ".npz"))
+    barrier()  # every rank has listed the same todo before any rank writes
     log.info("make_cams: %d of %d images to do", len(todo), len(dataset))
     if todo:
         loader = DataLoader(
@@ -190,7 +201,9 @@ def make_cams(ctx: StageContext) -> StageResult:
         writer = NpzPredictionWriter(out_dir)
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
         trainer.predict(module, dataloaders=loader, return_predictions=False)
-    return StageResult(metrics={"images": len(dataset)}, artifacts=[CAM_DIR])
+    barrier()  # every rank's shard is on disk before the count
+    resume = resume_counts(dataset.ids, todo, (out_dir, ".npz"))
+    return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[CAM_DIR])
 
 
 def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
@@ -200,8 +213,8 @@ def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
             f"CAM file {path} for image {image_id!r} is missing: the make_cams stage did not cover "
             f"this id (was data.eval_split changed?). Re-run with force=[make_cams]."
         )
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    fix = "delete it and re-run make_cams (force=[make_cams])"
+    return read_npz(Source(path, fix, MissingArtifactError), CAM_ARRAYS)
 
 
 def eval_cams(ctx: StageContext) -> StageResult:

@@ -12,7 +12,7 @@ from src.callbacks.confounder_update import ConfounderUpdate
 from src.datamodules import build_dataset
 from src.evaluation.figures import overlay_grid
 from src.models.context import Confounders, build_confounders, resize_nearest
-from src.pipeline.runtime import barrier, build_trainer, is_global_zero, log_figure
+from src.pipeline.runtime import build_trainer, log_figure, run_on_rank_zero
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.segmenter import full_image_loader, load_trained_segmenter
 
@@ -40,11 +40,14 @@ def make_confounders(ctx: StageContext) -> StageResult:
         context=cfg.conta.context,
     )
     if cfg.conta.c_source == "gt":
-        confounders = None
-        if is_global_zero():
-            confounders = _shuffled(_from_ground_truth(cfg, datasets, options), cfg, split_ids)
-            confounders.save(ctx.dir)
-        barrier()
+
+        def from_ground_truth() -> Confounders:
+            built = _shuffled(_from_ground_truth(cfg, datasets, options), cfg, split_ids)
+            built.save(ctx.dir)
+            return built
+
+        # Rank 0 builds and writes while the others wait; its failure ends them all at once.
+        confounders = run_on_rank_zero(from_ground_truth, "confounders (c_source=gt)")
     else:
         module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
         callback = ConfounderUpdate(

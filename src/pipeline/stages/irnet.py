@@ -14,15 +14,16 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from src.callbacks.prediction_writer import PngPredictionWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
+from src.datamodules.datamodule import training_loader
 from src.datamodules.palette import read_label_png, save_label_png
 from src.datamodules.validation import read_rgb
 from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
 from src.models.affinity import AffinityModule, AffinityNet
-from src.pipeline.artifacts import MissingArtifactError
-from src.pipeline.runtime import build_trainer, log_figure
+from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone
+from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone, read_weights
 from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
 from src.utils.io import atomic_torch_save
 
@@ -33,7 +34,9 @@ AFFINITY_WEIGHTS = "affinity_net.pt"
 
 
 def _missing(out_dir: Path, ids: list[str], suffix: str) -> list[int]:
-    return [i for i, image_id in enumerate(ids) if not (out_dir / f"{image_id}{suffix}").is_file()]
+    """Resume: the images still to do; the files an interrupted attempt wrote are complete (they
+    are written atomically, see missing_items) and are reused."""
+    return missing_items(ids, (out_dir, suffix))
 
 
 # -- IR labels ----------------------------------------------------------------------------------
@@ -80,6 +83,7 @@ def make_ir_labels(ctx: StageContext) -> StageResult:
     )
     run_parallel(job, jobs, workers=cfg.affinity.ir_label.workers)
     stats = _label_stats(out_dir, dataset.ids)
+    stats["resume"] = resume_counts(dataset.ids, todo, (out_dir, ".png"))
     return StageResult(metrics=stats, artifacts=[IR_LABEL_DIR])
 
 
@@ -132,22 +136,18 @@ def train_affinity(ctx: StageContext) -> StageResult:
     ir_dir = ctx.inputs["make_ir_labels"] / IR_LABEL_DIR
     extras = {"ir_label": label_png_loader(ir_dir, "make_ir_labels")}
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
-    loader = DataLoader(
-        dataset,
-        batch_size=aff.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    loader = training_loader(dataset, aff.batch_size, cfg.num_workers)
     module = build_affinity_module(cfg, ctx.inputs.get("train_cam"))
     trainer = build_trainer(
         cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
     )
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume())
+    trainer.fit(
+        module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
+    )
     if trainer.is_global_zero:
         atomic_torch_save(ctx.dir / AFFINITY_WEIGHTS, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["resume"] = ctx.training_resume(trainer)
     return StageResult(metrics=metrics, artifacts=[AFFINITY_WEIGHTS])
 
 
@@ -186,12 +186,13 @@ def make_pseudo_masks(ctx: StageContext) -> StageResult:
     weights = ctx.inputs["train_affinity"] / AFFINITY_WEIGHTS
     if not weights.is_file():
         raise MissingArtifactError(f"{weights} missing: re-run train_affinity")
-    module.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    module.net.load_state_dict(read_weights(weights, "train_affinity"))
     dataset = build_dataset(
         cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
     )
     out_dir = ctx.dir / MASK_DIR
     todo = _missing(out_dir, dataset.ids, ".png")
+    barrier()  # every rank has listed the same todo before any rank writes
     log.info("make_pseudo_masks: %d of %d images", len(todo), len(dataset))
     if todo:
         loader = DataLoader(
@@ -203,7 +204,9 @@ def make_pseudo_masks(ctx: StageContext) -> StageResult:
         writer = PngPredictionWriter(out_dir, key="mask")
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
         trainer.predict(module, dataloaders=loader, return_predictions=False)
-    return StageResult(metrics={"images": len(dataset)}, artifacts=[MASK_DIR])
+    barrier()  # every rank's shard is on disk before the count
+    resume = resume_counts(dataset.ids, todo, (out_dir, ".png"))
+    return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
 
 
 # -- evaluation -----------------------------------------------------------------------------

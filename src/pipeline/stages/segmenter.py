@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from src.callbacks.prediction_writer import SegmentationWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
-from src.datamodules.datamodule import collate_same_size
+from src.datamodules.datamodule import collate_same_size, training_loader
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
 from src.models.deeplab import (
@@ -25,12 +25,13 @@ from src.models.deeplab import (
     load_segmenter,
     save_segmenter,
 )
-from src.pipeline.artifacts import MissingArtifactError
-from src.pipeline.runtime import build_trainer, log_figure
+from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import load_classifier_backbone
 from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
 from src.postprocess.crf import CRFParams, crf_refine_logits, run_parallel
+from src.utils.untrusted import Source, read_npz
 
 log = logging.getLogger(__name__)
 SEGMENTER_WEIGHTS = "segmenter.pt"
@@ -140,14 +141,7 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         extra_targets={k: "label" for k in extras},
     )
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
-    train_loader = DataLoader(
-        dataset,
-        batch_size=seg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    train_loader = training_loader(dataset, seg.batch_size, cfg.num_workers)
     net = fresh_segmenter_net(cfg, ctx.inputs.get("train_cam"))
     counts = label_pixel_counts(dataset, label_key, cfg.data.num_classes)
     class_weight = balanced_class_weights(counts, seg.class_balance)
@@ -168,12 +162,14 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         train_dataloaders=train_loader,
         val_dataloaders=full_image_loader(cfg, cfg.data.val_split),
         ckpt_path=ctx.checkpoint_to_resume(),
+        weights_only=True,
     )
     if trainer.is_global_zero:
         spec = segmenter_spec(cfg, list(dataset.class_names))
         save_segmenter(ctx.dir / SEGMENTER_WEIGHTS, module.net, spec)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["labels"] = seg.labels
+    metrics["resume"] = ctx.training_resume(trainer)
     metrics["class_weight"] = [round(float(w), 4) for w in class_weight]
     return StageResult(metrics=metrics, artifacts=[SEGMENTER_WEIGHTS])
 
@@ -189,7 +185,9 @@ def load_trained_segmenter(cfg: DictConfig, train_dir: Path) -> SegmenterModule:
 
 
 def _missing_ids(folder: Path, ids: list[str], suffix: str) -> list[int]:
-    return [i for i, image_id in enumerate(ids) if not (folder / f"{image_id}{suffix}").is_file()]
+    """Resume: the images still to do; the files an interrupted attempt wrote are complete (they
+    are written atomically, see missing_items) and are reused."""
+    return missing_items(ids, (folder, suffix))
 
 
 def predict_segmenter(ctx: StageContext) -> StageResult:
@@ -200,7 +198,11 @@ def predict_segmenter(ctx: StageContext) -> StageResult:
     module.predict_logits = True
     ids = build_dataset(cfg.data, split).ids
     mask_dir, logits_dir = ctx.dir / MASK_DIR, ctx.dir / LOGITS_DIR
-    todo = _missing_ids(mask_dir, ids, ".png")
+    # An image is done when its mask and its logits are both there (the writer puts the logits
+    # first, so a mask implies them; both are checked anyway).
+    outputs = ((mask_dir, ".png"), (logits_dir, ".npz"))
+    todo = missing_items(ids, *outputs)
+    barrier()  # every rank has listed the same todo before any rank writes
     log.info("predict_segmenter: %d of %d %s images", len(todo), len(ids), split)
     if todo:
         writer = SegmentationWriter(mask_dir, logits_dir, cfg.segmenter.inference.logits_dtype)
@@ -208,8 +210,10 @@ def predict_segmenter(ctx: StageContext) -> StageResult:
         trainer.predict(
             module, dataloaders=full_image_loader(cfg, split, todo), return_predictions=False
         )
+    barrier()  # every rank's shard is on disk before the count
     return StageResult(
-        metrics={"images": len(ids), "split": split}, artifacts=[MASK_DIR, LOGITS_DIR]
+        metrics={"images": len(ids), "split": split, "resume": resume_counts(ids, todo, *outputs)},
+        artifacts=[MASK_DIR, LOGITS_DIR],
     )
 
 
@@ -241,8 +245,9 @@ def _crf_job(job: tuple, *, params: CRFParams, out_dir: Path) -> None:
     image = read_rgb(image_path)
     if not logits_path.is_file():
         raise MissingArtifactError(f"{logits_path} missing: re-run predict_segmenter")
-    with np.load(logits_path) as z:
-        logits = torch.from_numpy(z["logits"].astype(np.float32))
+    fix = "delete it and re-run predict_segmenter (force=[predict_segmenter])"
+    arrays = read_npz(Source(logits_path, fix, MissingArtifactError), {"logits": "f"})
+    logits = torch.from_numpy(arrays["logits"].astype(np.float32))
     save_label_png(out_dir / f"{image_id}.png", crf_refine_logits(image, logits, params))
 
 
@@ -256,13 +261,18 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
     logits_dir = ctx.inputs["predict_segmenter"] / LOGITS_DIR
     out_dir = ctx.dir / MASK_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    todo = _missing_ids(out_dir, dataset.ids, ".png")
     jobs = [
-        (dataset.ids[i], dataset.image_paths[i], logits_dir / f"{dataset.ids[i]}.npz")
-        for i in _missing_ids(out_dir, dataset.ids, ".png")
+        (dataset.ids[i], dataset.image_paths[i], logits_dir / f"{dataset.ids[i]}.npz") for i in todo
     ]
     log.info("crf_segmenter: %d of %d images, %d workers", len(jobs), len(dataset), workers)
     run_parallel(partial(_crf_job, params=params, out_dir=out_dir), jobs, workers)
     title = f"round {ctx.round}: segmenter + CRF on {cfg.data.val_split}"
     result = _score(ctx, out_dir, "segmenter + CRF", "seg_crf", title)
     result.artifacts.append(MASK_DIR)
+    # A new dict: result.metrics is also the results row, which keeps no resume counts.
+    result.metrics = {
+        **result.metrics,
+        "resume": resume_counts(dataset.ids, todo, (out_dir, ".png")),
+    }
     return result
