@@ -6,7 +6,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format bench bench-conta bench-sets clean clean-outputs
+.PHONY: help install train test test-full lint format bench bench-conta bench-sets bench-faults clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -37,17 +37,21 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF
+bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF, COCO reader memory
 	$(PY) bench/cam_stage.py
 	$(PY) bench/segmenter.py
 	$(PY) bench/random_walk.py
 	$(PY) bench/crf.py
+	$(PY) bench/coco_memory.py
 
 bench-conta: install ## CONTA vs baseline: layout confounder, 5 seeds, rounds 0-1, variants paper / gt C / shuffled m (long)
 	$(PY) bench/conta_vs_baseline.py --confounder layout --jobs 2 --ablations paper gt_c shuffled_m
 
 bench-sets: install ## The segmenter recipe on generated sets it was not tuned on: supervised bound + weak round 0
 	$(PY) bench/off_home_sets.py --weak --jobs 2
+
+bench-faults: install ## Fault campaign: SIGKILL the default experiment 20 times, resume, compare every artifact with an uninterrupted run (long)
+	$(PY) bench/faults.py --kills 20 --seed 0
 
 clean-outputs: ## Remove run outputs (outputs/)
 	rm -rf outputs

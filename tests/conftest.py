@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,14 @@ def tiny_cfg(tmp_path, shared_data_dir) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.data_dir = str(shared_data_dir)
     return cfg
+
+
+def predict_cli(*overrides: str) -> subprocess.CompletedProcess:
+    """`python predict.py <overrides> device=cpu` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "predict.py", *overrides, "device=cpu"],
+        cwd=Path(CONF_DIR).parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

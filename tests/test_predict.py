@@ -4,8 +4,6 @@ DeepLabV2 checkpoint, per-image failures, clear errors for bad checkpoints and i
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from PIL import Image
 from src.datamodules.palette import read_label_png
 from src.models.deeplab import CheckpointError, DeepLabV2, save_segmenter
 from src.predict import PredictError, list_images, plan_outputs, predict
+from tests.conftest import predict_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO_ROOT / "conf")
@@ -203,20 +202,8 @@ def test_cli_shim_exits_2_on_bad_checkpoint(image_dir, tmp_path):
 
 def test_cli_exits_1_and_prints_summary(checkpoint, image_dir, tmp_path):
     out = tmp_path / "cli_out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "predict.py",
-            f"checkpoint={checkpoint}",
-            f"input={image_dir}",
-            f"output={out}",
-            "device=cpu",
-            "overlay=false",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = predict_cli(
+        f"checkpoint={checkpoint}", f"input={image_dir}", f"output={out}", "overlay=false"
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log

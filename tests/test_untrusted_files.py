@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from src.models.deeplab import (
 from src.pipeline.artifacts import MissingArtifactError, StageDir
 from src.pipeline.stages.cam import WEIGHTS_FILE, load_cam, load_classifier_backbone
 from src.utils.untrusted import Source, UntrustedFileError, read_npz
+from tests.conftest import predict_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET = "src.models.backbone.ResNetBackbone"
@@ -73,20 +72,7 @@ def test_crafted_checkpoint_runs_nothing_through_the_cli(state_dict, tmp_path):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "predict.py",
-            f"checkpoint={ckpt}",
-            f"input={image}",
-            f"output={out}",
-            "device=cpu",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = predict_cli(f"checkpoint={ckpt}", f"input={image}", f"output={out}")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 2, log
     assert str(ckpt) in log and "'norm'" in log and "'_target_'" in log and "Fix:" in log

@@ -108,7 +108,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 cfg, stage_keys(stage, round_idx), fingerprints, _weights_digest(cfg)
             )
             key = (round_idx, stage.name)
-            if _run_stage(cfg, run_dir, round_idx, stage, digests[key], picked, reason):
+            ran = _run_stage(cfg, run_dir, round_idx, stage, digests[key], picked, reason)
+            if ran and reason is not None:
                 redone.add(key)
     barrier()  # every rank has left its last stage
 
@@ -150,8 +151,9 @@ def _redo_reason(
     cfg: DictConfig, stage: Stage, round_idx: int, redone: set[tuple[int, str]]
 ) -> str | None:
     """Why a stage must run even if its DONE.json matches: it is forced, or a stage it reads was
-    just redone (forced work need not reproduce bit for bit, e.g. on a GPU, so everything
-    downstream of it is redone too)."""
+    just redone by force (forced work need not reproduce bit for bit, e.g. on a GPU, so
+    everything downstream of it is redone too). A stage redone because its DONE.json was missing
+    (an interrupted first attempt) has no finished readers to redo."""
     if stage.name in cfg.force:
         return "forced"
     inputs = [(round_idx, i) for i in stage.present_inputs(list(cfg.stages))]
