@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from src.datamodules.datamodule import SeededSampler
+
 log = logging.getLogger(__name__)
 
 
@@ -158,9 +160,32 @@ class RNGStateCheckpoint(L.Callback):
         for key, value in saved.items():
             current.setdefault(key, torch.tensor(value, dtype=torch.float64))
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own set_epoch (before this hook) is one ahead when a fit resumes from a
+        # checkpoint taken at an epoch end under max_steps (train_segmenter): the resumed epoch
+        # then replayed the next epoch's order and crops (found by bench/faults.py). The epoch
+        # the loop is in is what a seeded loader must draw from.
+        for loader in _loaders(trainer.train_dataloader):
+            for sampler in (getattr(loader, "sampler", None), _batch_sampler_sampler(loader)):
+                if isinstance(sampler, SeededSampler):
+                    sampler.set_epoch(trainer.current_epoch)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_metrics(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resume with nothing left to train skips on_train_start.
         self._restore_metrics(trainer)
+
+
+def _loaders(node: Any) -> list:
+    """The DataLoaders of a (possibly nested) train_dataloader value."""
+    if isinstance(node, dict):
+        return [x for v in node.values() for x in _loaders(v)]
+    if isinstance(node, list | tuple):
+        return [x for v in node for x in _loaders(v)]
+    return [] if node is None else [node]
+
+
+def _batch_sampler_sampler(loader: Any) -> Any:
+    return getattr(getattr(loader, "batch_sampler", None), "sampler", None)
