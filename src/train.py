@@ -6,14 +6,12 @@ import logging
 
 from omegaconf import DictConfig
 
-from src.datamodules import prepare_data
 from src.pipeline.driver import run_pipeline
 from src.pipeline.runtime import (
     RankFailed,
     end_distributed,
     error_shown,
     exit_with_rank_zero,
-    run_on_rank_zero,
 )
 from src.utils.io import run_write_error
 
@@ -21,15 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Prepare the data (rank 0), then run or resume the round pipeline; returns results.json.
+    """Run or resume the round pipeline (it prepares the data on rank 0); returns results.json.
 
     Under DDP a rank that fails where the ranks settle (see `ranks_settle`) has logged its
     error; every other rank logs one line; all of them exit with status 1 (SystemExit), so the
     error is shown once."""
     stop_watch = exit_with_rank_zero()
     try:
-        run_on_rank_zero(lambda: prepare_data(cfg.data), "prepare_data")
-        return run_pipeline(cfg)
+        return run_pipeline(cfg)  # prepares the data on rank 0 before fingerprinting it
     except RankFailed as error:
         log.error("%s", error)
         raise SystemExit(1) from None

@@ -99,14 +99,13 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
     run_on_rank_zero(start_run, "writing the run's config")
     fingerprints = _data_fingerprints(cfg, run_dir)
-    digests = plan_digests(cfg, stages, fingerprints, _weights_digest(cfg))
+    weights_digest = _weights_digest(cfg)
+    digests = plan_digests(cfg, stages, fingerprints, weights_digest)
     redone: set[tuple[int, str]] = set()
     for round_idx in range(cfg.round + 1):
         for stage in stages:
             reason = _redo_reason(cfg, stage, round_idx, redone)
-            picked = picked_config(
-                cfg, stage_keys(stage, round_idx), fingerprints, _weights_digest(cfg)
-            )
+            picked = picked_config(cfg, stage_keys(stage, round_idx), fingerprints, weights_digest)
             key = (round_idx, stage.name)
             ran = _run_stage(cfg, run_dir, round_idx, stage, digests[key], picked, reason)
             if ran and reason is not None:
