@@ -195,6 +195,7 @@ class SegmenterModule(L.LightningModule):
         label_key: str = "mask",
         ignore_index: int = 255,
         class_weight: Sequence[float] | None = None,
+        total_steps: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "class_weight"])
@@ -278,7 +279,8 @@ class SegmenterModule(L.LightningModule):
             self.param_groups(),
             lr=self.hparams.lr,
             momentum=self.hparams.momentum,
-            total_steps=int(self.trainer.estimated_stepping_batches),
+            # The stage's step budget (callbacks/step_budget.py): its fit is epoch-based.
+            total_steps=int(self.hparams.total_steps or self.trainer.estimated_stepping_batches),
             power=self.hparams.poly_power,
             every=self.hparams.poly_every,
         )

@@ -267,18 +267,35 @@ SEGMENTER_ARGS = [
 SEGMENTER_STAGE = "outputs/synth_supervised/seed_0/round_0/train_segmenter"
 
 
-def test_sigkill_mid_segmenter_training_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """The one training stage run by max_steps: Lightning's set_epoch was one ahead after the
-    resume, so the resumed epoch replayed the next one's crops (bench/faults.py found it; fixed
-    in RNGStateCheckpoint.on_train_epoch_start). Killed after batch 1 of epoch 1."""
+@pytest.mark.parametrize(
+    "val_every, kill_epoch",
+    [
+        (5, 1),  # Lightning's set_epoch one ahead after a max_steps resume (RNGStateCheckpoint)
+        (2, 1),  # the resumed epoch holds a validation pass: a max_steps resume replayed a batch
+    ],
+)
+def test_sigkill_mid_segmenter_training_then_resume_equals_an_uninterrupted_run(
+    tmp_path, val_every, kill_epoch
+):
+    """The one training stage specified in steps (callbacks/step_budget.py): both cases were
+    found by bench/faults.py. Killed after batch 1 of `kill_epoch`, resumed from the checkpoint
+    of the epoch before; weights and reported metrics equal the uninterrupted run's."""
+    args = [*SEGMENTER_ARGS, f"segmenter.val_every_n_epochs={val_every}"]
+    kill = f"+callbacks.kill={{_target_:tests.pipeline.test_resume.KillMidEpoch,epoch:{kill_epoch},batch:1}}"
     reference = tmp_path / "reference"
-    finish(start(reference, SEGMENTER_ARGS))
+    finish(start(reference, args))
     root = tmp_path / "killed"
-    proc = start(root, [*SEGMENTER_ARGS, KILL_IN_SECOND_EPOCH])
+    proc = start(root, [*args, kill])
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
-    finish(start(root, SEGMENTER_ARGS))
-    assert done(root / SEGMENTER_STAGE)["metrics"]["resume"]["resumed_from_step"] == 3
+    finish(start(root, args))
+    resumed, uninterrupted = done(root / SEGMENTER_STAGE), done(reference / SEGMENTER_STAGE)
+    assert resumed["metrics"]["resume"] == {
+        "resumed_from_step": kill_epoch * STEPS_PER_EPOCH,
+        "steps": 12 - kill_epoch * STEPS_PER_EPOCH,
+    }
+    del resumed["metrics"]["resume"], uninterrupted["metrics"]["resume"]
+    assert resumed["metrics"] == uninterrupted["metrics"]  # train/loss, and val/mIoU if it ran
     a = torch.load(root / SEGMENTER_STAGE / "segmenter.pt", weights_only=True)["state_dict"]
     b = torch.load(reference / SEGMENTER_STAGE / "segmenter.pt", weights_only=True)["state_dict"]
     unequal = [k for k in b if not torch.equal(a[k], b[k])]

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from src.callbacks.prediction_writer import SegmentationWriter
+from src.callbacks.step_budget import StepBudget
 from src.datamodules import build_dataset, eval_transform, train_transform
 from src.datamodules.datamodule import collate_same_size, training_loader
 from src.datamodules.palette import save_label_png
@@ -83,7 +84,12 @@ def build_segmenter(
         net = DeepLabV2(instantiate(seg.backbone), cfg.data.num_classes, list(seg.rates))
     module_kwargs = OmegaConf.to_container(seg.module, resolve=True)
     return SegmenterModule(
-        net, cfg.data.num_classes, label_key=label_key, class_weight=class_weight, **module_kwargs
+        net,
+        cfg.data.num_classes,
+        label_key=label_key,
+        class_weight=class_weight,
+        total_steps=seg.max_steps,
+        **module_kwargs,
     )
 
 
@@ -152,7 +158,8 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         ctx.dir,
         ctx.loggers,
         training=True,
-        max_steps=seg.max_steps,
+        callbacks=[StepBudget(seg.max_steps)],  # not max_steps: see callbacks/step_budget.py
+        max_steps=-1,
         max_epochs=-1,
         accumulate_grad_batches=seg.accumulate_grad_batches,
         check_val_every_n_epoch=seg.val_every_n_epochs,
