@@ -11,8 +11,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from src.train import train
+    from src.train import record_run_dir, train
 
+    record_run_dir(cfg)
     train(cfg)
 
 

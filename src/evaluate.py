@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict
 
 from src.evaluation.report import load_results, print_results, update_results
 from src.pipeline.artifacts import MissingArtifactError, StageDir
+from src.pipeline.plan import build_plan
 from src.pipeline.stage import StageContext
 from src.pipeline.stages import STAGES
 from src.utils.io import atomic_write_json
@@ -48,12 +49,14 @@ def _finished(run_dir: Path, round_idx: int, stage: str) -> Path:
 
 
 def _context(cfg, run_dir, round_idx, name, out_dir, inputs=None, previous=None) -> StageContext:
+    plan = build_plan(list(cfg.stages), STAGES, cfg.round)
     stage = STAGES[name]
     if inputs is None:
-        present = stage.present_inputs(list(cfg.stages))
-        inputs = {i: _finished(run_dir, round_idx, i) for i in present}
+        inputs = {r: _finished(run_dir, round_idx, n) for r, n in plan.inputs(stage).items()}
     if previous is None and round_idx > 0:
-        previous = {i: _finished(run_dir, round_idx - 1, i) for i in stage.previous_inputs}
+        previous = {
+            r: _finished(run_dir, round_idx - 1, n) for r, n in plan.previous(stage).items()
+        }
     return StageContext(
         cfg=cfg,
         round=round_idx,
@@ -97,7 +100,7 @@ def evaluate(cfg: DictConfig) -> dict:
             continue
         if name == "eval_segmenter":
             pred_dir = _segmenter_predictions(cfg, run_dir, round_idx, out_dir, run_val_split)
-            ctx = _context(cfg, run_dir, round_idx, name, out_dir, {"predict_segmenter": pred_dir})
+            ctx = _context(cfg, run_dir, round_idx, name, out_dir, {"segmentation": pred_dir})
         else:
             if split is not None and split != run_eval_split:
                 log.info("%s on %s: the run scored %s", name, split, run_eval_split)
@@ -153,9 +156,7 @@ def _crf_scores(cfg, run_dir: Path, round_idx: int, out_dir: Path, run_split: st
         run_crf = StageDir(run_dir, round_idx, "crf_segmenter")
         if run_crf.read_done() is not None:
             _link_tree(run_crf.path / "masks", out_dir / "crf_segmenter" / "masks")
-    ctx = _context(
-        cfg, run_dir, round_idx, "crf_segmenter", out_dir, {"predict_segmenter": pred_dir}
-    )
+    ctx = _context(cfg, run_dir, round_idx, "crf_segmenter", out_dir, {"segmentation": pred_dir})
     ctx.dir.mkdir(parents=True, exist_ok=True)
     return STAGES["crf_segmenter"].run(ctx).results
 

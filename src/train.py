@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -13,9 +15,23 @@ from src.pipeline.runtime import (
     error_shown,
     exit_with_rank_zero,
 )
-from src.utils.io import run_write_error
+from src.utils.io import atomic_write_text, run_write_error
 
 log = logging.getLogger(__name__)
+
+
+RUN_DIR_FILE = "run_dir.txt"
+
+
+def record_run_dir(cfg: DictConfig) -> None:
+    """In a Hydra job folder other than the run folder (a sweep's), name the run folder, so
+    report.py can gather a sweep from its jobs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    if job_dir != run_dir and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        atomic_write_text(job_dir / RUN_DIR_FILE, f"{run_dir}\n")
 
 
 def train(cfg: DictConfig) -> dict:

@@ -16,7 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 def test_default_experiment_is_synthetic():
     cfg = compose_cfg([])
-    assert cfg.experiment_name == "synth_conta" and cfg.round == 2
+    assert cfg.experiment_name == "synth_irnet_conta" and cfg.round == 2
     assert cfg.data.name == "synth" and cfg.upper_bound == "synth_supervised"
 
 
@@ -33,8 +33,10 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
         tmp_path,
     )
     OmegaConf.resolve(cfg)
-    assert cfg.experiment_name == experiment
-    assert str(tmp_path) in cfg.paths.run_dir and cfg.paths.run_dir.endswith(f"{experiment}/seed_0")
+    # Recipes of one data x method x conta point are named by it; partial ones by themselves.
+    name = f"{cfg.data.name}_{cfg.method.name}{cfg.conta.suffix}"
+    assert cfg.experiment_name in (name, experiment)
+    assert cfg.paths.run_dir == f"{tmp_path}/outputs/{cfg.experiment_name}/seed_0"
     check_stages(cfg)
     module = build_cam_classifier(cfg)
     assert module.net.num_classes == cfg.data.num_classes - 1
@@ -131,7 +133,10 @@ def test_bad_stage_list_is_rejected():
     from src.pipeline.driver import PipelineError
 
     cfg = compose_cfg(["stages=[make_cams]", "round=0"])
-    with pytest.raises(PipelineError, match="needs \\['train_cam'\\] earlier"):
+    with pytest.raises(PipelineError, match="reads \\['classifier'\\], which no earlier stage"):
+        check_stages(cfg)
+    cfg = compose_cfg(["stages=[train_cam,train_cam]", "round=0"])
+    with pytest.raises(PipelineError, match="twice"):
         check_stages(cfg)
     cfg = compose_cfg(["stages=[train_cam,typo]"])
     with pytest.raises(PipelineError, match="unknown"):

@@ -97,8 +97,12 @@ def update_results(
     experiment: str | None = None,
     seed: int | None = None,
     nested: bool = False,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge one stage's metrics into ``results.json`` (and refresh ``results.md``); returns all.
+
+    ``identity``: top-level fields naming the run's point of a sweep (data, method, conta), which
+    report.py groups by.
 
     ``nested``: store the metrics as one dict under ``row[stage_prefix]`` (e.g. ``context``)
     instead of flattening them into ``{stage_prefix}_*`` keys.
@@ -114,6 +118,7 @@ def update_results(
         results["experiment"] = experiment
     if seed is not None:
         results["seed"] = int(seed)
+    results.update(_jsonable(dict(identity or {})))
     row = results["rounds"].setdefault(str(int(round_idx)), {})
     if nested:
         row[stage_prefix] = _jsonable(dict(metrics))

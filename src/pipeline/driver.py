@@ -28,6 +28,7 @@ from src.evaluation.report import (
 from src.pipeline.artifacts import StageDir
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
+from src.pipeline.plan import PipelineError, Plan, build_plan
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -47,43 +48,23 @@ RUNNING_FILE = "RUNNING.json"
 FINGERPRINTS_FILE = "data_fingerprints.json"
 
 
-class PipelineError(RuntimeError):
-    pass
-
-
-def check_stages(cfg: DictConfig) -> list[Stage]:
+def check_stages(cfg: DictConfig) -> Plan:
+    """The run's plan (cfg.stages with every role resolved), or a PipelineError saying why not."""
     validate_conta(cfg)
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise PipelineError(f"stages={unknown} unknown; available: {sorted(STAGES)}")
-    stages = [STAGES[s] for s in cfg.stages]
-    if cfg.round > 0:
-        for stage in stages:
-            missing = [i for i in stage.previous_inputs if i not in cfg.stages]
-            if missing:
-                raise PipelineError(
-                    f"round={cfg.round}: from round 1 on, {stage.name} reads the previous "
-                    f"round's {missing}, which is not in `stages`. Rounds > 0 are CONTA rounds: "
-                    "use a *_conta experiment (e.g. experiment=synth_conta) or round=0."
-                )
-    seen: set[str] = set()
-    for stage in stages:
-        missing = [i for i in stage.present_inputs(list(cfg.stages)) if i not in seen]
-        if missing:
-            raise PipelineError(
-                f"stage {stage.name} needs {missing} earlier in `stages` (got {list(cfg.stages)})"
-            )
-        seen.add(stage.name)
-    # train_cam is an optional input of train_segmenter; backbone_init=cam makes it required.
-    names = list(cfg.stages)
+    plan = build_plan(list(cfg.stages), STAGES, cfg.round)
+    # The classifier is an optional input of train_segmenter; backbone_init=cam needs it.
     segmenter_init = OmegaConf.select(cfg, "segmenter.backbone_init")
-    if "train_segmenter" in names and segmenter_init == "cam" and "train_cam" not in names:
+    if "segmenter" in _roles(plan) and segmenter_init == "cam" and "classifier" not in _roles(plan):
         raise PipelineError(
             "segmenter.backbone_init=cam starts the segmenter from this round's classifier, but "
-            f"train_cam is not in `stages` ({names}). Fix: add train_cam before train_segmenter, "
-            "or set segmenter.backbone_init=pretrained."
+            f"no stage of `stages` ({plan.names}) produces it. Fix: add the method's classifier "
+            "stage (train_cam) before train_segmenter, or set segmenter.backbone_init=pretrained."
         )
-    return stages
+    return plan
+
+
+def _roles(plan: Plan) -> set[str]:
+    return set(plan.producers)
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -104,10 +85,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
     redone: set[tuple[int, str]] = set()
     for round_idx in range(cfg.round + 1):
         for stage in stages:
-            reason = _redo_reason(cfg, stage, round_idx, redone)
+            reason = _redo_reason(cfg, stages, stage, round_idx, redone)
             picked = picked_config(cfg, stage_keys(stage, round_idx), fingerprints, weights_digest)
             key = (round_idx, stage.name)
-            ran = _run_stage(cfg, run_dir, round_idx, stage, digests[key], picked, reason)
+            ran = _run_stage(cfg, run_dir, round_idx, stages, stage, digests[key], picked, reason)
             if ran and reason is not None:
                 redone.add(key)
     barrier()  # every rank has left its last stage
@@ -124,6 +105,15 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
     run_on_rank_zero(report, "the results table")
     return load_results(run_dir)
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """The run's point of the data x method x conta axes, written into results.json."""
+    return {
+        "data": cfg.data.name,
+        "method": OmegaConf.select(cfg, "method.name"),
+        "conta": bool(OmegaConf.select(cfg, "conta.enabled", default=cfg.round > 0)),
+    }
 
 
 def _data_fingerprints(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
@@ -147,7 +137,7 @@ def _weights_digest(cfg: DictConfig):
 
 
 def _redo_reason(
-    cfg: DictConfig, stage: Stage, round_idx: int, redone: set[tuple[int, str]]
+    cfg: DictConfig, plan: Plan, stage: Stage, round_idx: int, redone: set[tuple[int, str]]
 ) -> str | None:
     """Why a stage must run even if its DONE.json matches: it is forced, or a stage it reads was
     just redone by force (forced work need not reproduce bit for bit, e.g. on a GPU, so
@@ -155,9 +145,9 @@ def _redo_reason(
     (an interrupted first attempt) has no finished readers to redo."""
     if stage.name in cfg.force:
         return "forced"
-    inputs = [(round_idx, i) for i in stage.present_inputs(list(cfg.stages))]
+    inputs = [(round_idx, name) for name in plan.inputs(stage).values()]
     if round_idx > 0:
-        inputs += [(round_idx - 1, i) for i in stage.previous_inputs]
+        inputs += [(round_idx - 1, name) for name in plan.previous(stage).values()]
     rerun = [f"round {r} {name}" for r, name in inputs if (r, name) in redone]
     return f"its input was redone ({', '.join(rerun)})" if rerun else None
 
@@ -166,6 +156,7 @@ def _run_stage(
     cfg: DictConfig,
     run_dir: Path,
     round_idx: int,
+    plan: Plan,
     stage: Stage,
     digest: str,
     picked: dict,
@@ -174,8 +165,7 @@ def _run_stage(
     """Run `stage` unless its DONE.json matches `digest` (and no `reason` says otherwise);
     returns whether it ran."""
     sdir = StageDir(run_dir, round_idx, stage.name)
-    inputs = stage.present_inputs(list(cfg.stages))
-    prev_inputs = stage.previous_inputs if round_idx > 0 else ()
+    prev_inputs = plan.previous(stage) if round_idx > 0 else {}
     barrier()  # every rank decides skip-or-run on the same state of the disk
     if reason is None and sdir.is_done(digest):
         log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
@@ -193,9 +183,9 @@ def _run_stage(
         round=round_idx,
         name=stage.name,
         dir=sdir.path,
-        inputs={i: StageDir(run_dir, round_idx, i).path for i in inputs},
+        inputs={r: StageDir(run_dir, round_idx, n).path for r, n in plan.inputs(stage).items()},
         seed=seed,
-        previous={i: StageDir(run_dir, round_idx - 1, i).path for i in prev_inputs},
+        previous={r: StageDir(run_dir, round_idx - 1, n).path for r, n in prev_inputs.items()},
     )
     log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, seed)
     start = time.perf_counter()
@@ -228,6 +218,7 @@ def _run_stage(
             experiment=cfg.experiment_name,
             seed=cfg.seed,
             nested=result.nested,
+            identity=run_identity(cfg),
         )
         sdir.mark_done(
             digest,

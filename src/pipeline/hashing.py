@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.pipeline.plan import Plan
 from src.pipeline.stage import Stage
 
 DATA_PREFIX = "data:"
@@ -72,6 +73,7 @@ def stage_keys(stage: Stage, round_idx: int) -> list[str]:
 
 def stage_digest(
     cfg: DictConfig,
+    plan: Plan,
     stage: Stage,
     round_idx: int,
     hashes: Mapping[str, str],
@@ -80,31 +82,32 @@ def stage_digest(
     file_digest: FileDigest | None = None,
 ) -> str:
     """The digest of `stage` in `round_idx`, given this round's and the last round's digests."""
-    upstream = [hashes[i] for i in stage.present_inputs(list(cfg.stages))]
+    # Producers' digests in the order of the roles read: the same chain as before roles existed.
+    upstream = [hashes[name] for name in plan.inputs(stage).values()]
     if round_idx > 0:
-        upstream += [f"r{round_idx - 1}:{previous[i]}" for i in stage.previous_inputs]
+        upstream += [f"r{round_idx - 1}:{previous[name]}" for name in plan.previous(stage).values()]
     picked = picked_config(cfg, stage_keys(stage, round_idx), fingerprints, file_digest)
     return config_hash(picked, upstream)
 
 
 def plan_digests(
     cfg: DictConfig,
-    stages: Sequence[Stage],
+    plan: Plan,
     fingerprints: Mapping[str, str] | None = None,
     file_digest: FileDigest | None = None,
 ) -> dict[tuple[int, str], str]:
     """{(round, stage): digest} for rounds 0..cfg.round."""
-    plan: dict[tuple[int, str], str] = {}
+    digests: dict[tuple[int, str], str] = {}
     previous: dict[str, str] = {}
     for round_idx in range(cfg.round + 1):
         hashes: dict[str, str] = {}
-        for stage in stages:
+        for stage in plan:
             hashes[stage.name] = stage_digest(
-                cfg, stage, round_idx, hashes, previous, fingerprints, file_digest
+                cfg, plan, stage, round_idx, hashes, previous, fingerprints, file_digest
             )
-            plan[(round_idx, stage.name)] = hashes[stage.name]
+            digests[(round_idx, stage.name)] = hashes[stage.name]
         previous = hashes
-    return plan
+    return digests
 
 
 def stage_seed(base_seed: int, stage: str) -> int:

@@ -76,18 +76,30 @@ class StageResult:
     nested: bool = False
 
 
+# Roles: what a stage's folder holds, for the stages that read it. A stage names the roles it
+# reads, never another stage, so a method brings its own producers without touching the readers.
+ROLES = {
+    "classifier": "the image-level classifier's weights (cam_net.pt)",
+    "cams": "CAMs of the training images (cams/<id>.npz: keys, cam at stride 4, high_res)",
+    "affinity_labels": "confident fg/bg/unsure labels for the affinity net (<dir>/<id>.png)",
+    "affinity": "the trained affinity network",
+    "pseudo_masks": "pseudo-masks of the training images (masks/<id>.png, 255 = unsure)",
+    "segmenter": "the trained segmentation network (segmenter.pt)",
+    "segmentation": "the segmenter's val predictions (masks/ and logits/)",
+    "confounders": "the confounder set C and its meta (confounders.npz)",
+}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[[StageContext], StageResult]
     config_keys: tuple[str, ...]  # config subtrees whose values change this stage's output
-    inputs: tuple[str, ...] = ()  # stages of the same round whose artifacts it reads
-    optional_inputs: tuple[str, ...] = ()  # read when they are in `stages` (e.g. pseudo-masks)
-    # From round 1 on (CONTA): stages of the previous round it reads, and config keys that only
+    produces: str | None = None  # the role of its folder (a key of ROLES), if others read it
+    inputs: tuple[str, ...] = ()  # roles of the same round it reads
+    optional_inputs: tuple[str, ...] = ()  # roles read when some stage in `stages` produces them
+    # From round 1 on (CONTA): roles of the previous round it reads, and config keys that only
     # matter then (so round 0 stays shared between CONTA variants).
     previous_inputs: tuple[str, ...] = ()
     round_keys: tuple[str, ...] = ()
     rank_zero_only: bool = False  # numpy-only steps: rank 0 works, the others wait
-
-    def present_inputs(self, stages: list[str]) -> tuple[str, ...]:
-        return self.inputs + tuple(i for i in self.optional_inputs if i in stages)

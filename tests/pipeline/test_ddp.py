@@ -44,7 +44,7 @@ def run(root: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((root / "outputs/synth_conta/seed_0/results.json").read_text())["rounds"]["0"]
+    return json.loads((root / "outputs/synth_irnet_conta/seed_0/results.json").read_text())["rounds"]["0"]
 
 
 def launch(root: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -74,7 +74,7 @@ def logged_at(out: str, message: str) -> float:
 
 
 def round_dir(root: Path) -> Path:
-    return root / "outputs/synth_conta/seed_0/round_0"
+    return root / "outputs/synth_irnet_conta/seed_0/round_0"
 
 
 @pytest.mark.slow
@@ -154,7 +154,7 @@ def test_prepare_data_failing_on_rank_zero_ends_the_run(tmp_path):
     assert seconds < COMMAND_BOUND_S, out[-4000:]
     assert done.returncode != 0
     assert out.count("is not a synthetic data set folder (no meta.json)") == 1, out[-4000:]
-    assert not (tmp_path / "outputs/synth_conta/seed_0/round_0").exists()
+    assert not (tmp_path / "outputs/synth_irnet_conta/seed_0/round_0").exists()
 
 
 SETTLE_SCRIPT = """

@@ -51,7 +51,9 @@ def read_weights(path: Path, stage: str) -> dict[str, torch.Tensor]:
 def build_cam_classifier(
     cfg: DictConfig, confounders: Confounders | None = None, seed: int = 0
 ) -> CAMClassifier:
-    """IRNet's classifier; with the previous round's confounders, CONTA's (context module M).
+    """The method's classifier from `cam.net` / `cam.module` (`_partial_` configs: IRNet's
+    CAMNet / CAMClassifier, SEAM's SEAMNet / SEAMClassifier); with the previous round's
+    confounders, CONTA's context module M goes into the net, whatever the method.
 
     The backbone and class conv draw from the global RNG as in round 0; the CONTA parameters
     from their own generator (``seed``), so rounds share their random numbers (see CAMNet)."""
@@ -61,7 +63,7 @@ def build_cam_classifier(
         context = confounders.context_module(
             cfg.conta.proj_dim, temperature=cfg.conta.temperature, generator=generator
         )
-    net = CAMNet(
+    net = instantiate(cfg.cam.net)(
         backbone,
         num_classes=cfg.data.num_classes - 1,
         context=context,
@@ -70,9 +72,15 @@ def build_cam_classifier(
         generator=generator,
         ablate_context=cfg.conta.ablate == "zero_m",
     )
-    return CAMClassifier(
+    module = instantiate(cfg.cam.module)(
         net, **cfg.cam.optimizer, scales=list(cfg.cam.inference.scales), flip=cfg.cam.inference.flip
     )
+    if not isinstance(module, CAMClassifier) or not isinstance(net, CAMNet):
+        raise TypeError(
+            f"cam.net / cam.module built {type(net).__name__} / {type(module).__name__}: the "
+            "CAM stages need a CAMNet and a CAMClassifier (or subclasses, e.g. SEAM's)"
+        )
+    return module
 
 
 def train_cam(ctx: StageContext) -> StageResult:
@@ -99,7 +107,7 @@ def train_cam(ctx: StageContext) -> StageResult:
     )
     module = build_cam_classifier(cfg, confounders, seed=ctx.seed)
     if confounders is not None and cfg.conta.init == "finetune":
-        _load_previous_weights(module, ctx.previous["train_cam"] / WEIGHTS_FILE)
+        _load_previous_weights(module, ctx.previous["classifier"] / WEIGHTS_FILE)
     elif cfg.conta.init not in ("reinit", "finetune"):
         raise ValueError(f"conta.init={cfg.conta.init!r}: use reinit|finetune")
     trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=cfg.cam.max_epochs)
@@ -182,7 +190,7 @@ def make_cams(ctx: StageContext) -> StageResult:
     """Multi-scale + flip CAMs for every training image, one .npz per image (resumable)."""
     cfg = ctx.cfg
     confounders = previous_confounders(ctx)
-    module = load_cam_classifier(cfg, ctx.inputs["train_cam"], confounders)
+    module = load_cam_classifier(cfg, ctx.inputs["classifier"], confounders)
     out_dir = ctx.dir / CAM_DIR
     dataset = classifier_inference_set(cfg, confounders)
     if confounders is not None and is_global_zero():
@@ -220,7 +228,7 @@ def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
 def eval_cams(ctx: StageContext) -> StageResult:
     """CAM mIoU on the evaluation split with a background-threshold sweep, errors and leakage."""
     cfg = ctx.cfg
-    cam_dir = ctx.inputs["make_cams"] / CAM_DIR
+    cam_dir = ctx.inputs["cams"] / CAM_DIR
     dataset = build_dataset(cfg.data, cfg.data.eval_split)
     thresholds = [float(t) for t in cfg.cam.eval.sweep]
     sweep = ThresholdSweep(

@@ -49,7 +49,7 @@ def make_confounders(ctx: StageContext) -> StageResult:
         # Rank 0 builds and writes while the others wait; its failure ends them all at once.
         confounders = run_on_rank_zero(from_ground_truth, "confounders (c_source=gt)")
     else:
-        module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
+        module = load_trained_segmenter(cfg, ctx.inputs["segmenter"])
         callback = ConfounderUpdate(
             ctx.dir,
             size=tuple(cfg.conta.size),

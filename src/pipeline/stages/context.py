@@ -70,7 +70,7 @@ def previous_confounders(ctx: StageContext) -> Confounders | None:
     """The confounders of round t-1 for a round-t stage; None in round 0 (the plain baseline)."""
     if ctx.round == 0:
         return None
-    folder = ctx.previous.get(CONFOUNDER_STAGE)
+    folder = ctx.previous.get("confounders")  # the role
     if folder is None:
         raise MissingArtifactError(
             f"round {ctx.round}: {ctx.name} needs round {ctx.round - 1}'s confounders"

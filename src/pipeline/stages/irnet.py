@@ -63,7 +63,7 @@ def make_ir_labels(ctx: StageContext) -> StageResult:
     """Confident foreground/background from the CAMs, each refined by a dense CRF (process pool)."""
     cfg = ctx.cfg
     dataset = build_dataset(cfg.data, cfg.data.train_split)
-    cam_dir = ctx.inputs["make_cams"] / CAM_DIR
+    cam_dir = ctx.inputs["cams"] / CAM_DIR
     out_dir = ctx.dir / IR_LABEL_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = _missing(out_dir, dataset.ids, ".png")
@@ -133,11 +133,11 @@ def train_affinity(ctx: StageContext) -> StageResult:
         std=cfg.data.std,
         extra_targets={"ir_label": "label"},
     )
-    ir_dir = ctx.inputs["make_ir_labels"] / IR_LABEL_DIR
+    ir_dir = ctx.inputs["affinity_labels"] / IR_LABEL_DIR
     extras = {"ir_label": label_png_loader(ir_dir, "make_ir_labels")}
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
     loader = training_loader(dataset, aff.batch_size, cfg.num_workers)
-    module = build_affinity_module(cfg, ctx.inputs.get("train_cam"))
+    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
     trainer = build_trainer(
         cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
     )
@@ -182,8 +182,8 @@ def collate_with_cams(samples: list[dict]) -> dict:
 
 def make_pseudo_masks(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    module = build_affinity_module(cfg, ctx.inputs.get("train_cam"))
-    weights = ctx.inputs["train_affinity"] / AFFINITY_WEIGHTS
+    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
+    weights = ctx.inputs["affinity"] / AFFINITY_WEIGHTS
     if not weights.is_file():
         raise MissingArtifactError(f"{weights} missing: re-run train_affinity")
     module.net.load_state_dict(read_weights(weights, "train_affinity"))
@@ -196,7 +196,7 @@ def make_pseudo_masks(ctx: StageContext) -> StageResult:
     log.info("make_pseudo_masks: %d of %d images", len(todo), len(dataset))
     if todo:
         loader = DataLoader(
-            Subset(WithCams(dataset, ctx.inputs["make_cams"] / CAM_DIR), todo),
+            Subset(WithCams(dataset, ctx.inputs["cams"] / CAM_DIR), todo),
             batch_size=cfg.affinity.inference_batch_size,
             num_workers=cfg.num_workers,
             collate_fn=collate_with_cams,
@@ -253,8 +253,8 @@ def evaluate_label_dirs(
 def eval_pseudo(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     dirs = {
-        "IR label": ctx.inputs["make_ir_labels"] / IR_LABEL_DIR,
-        "pseudo-mask": ctx.inputs["make_pseudo_masks"] / MASK_DIR,
+        "IR label": ctx.inputs["affinity_labels"] / IR_LABEL_DIR,
+        "pseudo-mask": ctx.inputs["pseudo_masks"] / MASK_DIR,
     }
     scores, figure = evaluate_label_dirs(
         cfg,

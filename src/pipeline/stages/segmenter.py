@@ -112,12 +112,12 @@ def _training_labels(ctx: StageContext) -> tuple[str, dict]:
         raise ValueError(f"segmenter.labels={labels!r}: use one of {LABEL_SOURCES}")
     if labels == "gt":
         return "mask", {}
-    if "make_pseudo_masks" not in ctx.inputs:
+    if "pseudo_masks" not in ctx.inputs:
         raise MissingArtifactError(
             "segmenter.labels=pseudo trains on pseudo-masks, but make_pseudo_masks is not in "
             f"`stages` ({list(ctx.cfg.stages)}). Add the IRNet stages or set segmenter.labels=gt."
         )
-    folder = ctx.inputs["make_pseudo_masks"] / MASK_DIR
+    folder = ctx.inputs["pseudo_masks"] / MASK_DIR
     return "pseudo_mask", {"pseudo_mask": label_png_loader(folder, "make_pseudo_masks")}
 
 
@@ -148,7 +148,7 @@ def train_segmenter(ctx: StageContext) -> StageResult:
     )
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
     train_loader = training_loader(dataset, seg.batch_size, cfg.num_workers)
-    net = fresh_segmenter_net(cfg, ctx.inputs.get("train_cam"))
+    net = fresh_segmenter_net(cfg, ctx.inputs.get("classifier"))
     counts = label_pixel_counts(dataset, label_key, cfg.data.num_classes)
     class_weight = balanced_class_weights(counts, seg.class_balance)
     log.info("train_segmenter: class weights %s", np.round(class_weight.numpy(), 2).tolist())
@@ -201,7 +201,7 @@ def predict_segmenter(ctx: StageContext) -> StageResult:
     """MSC predictions on the val split: label PNGs + stride-8 logits for the CRF (resumable)."""
     cfg = ctx.cfg
     split = cfg.data.val_split
-    module = load_trained_segmenter(cfg, ctx.inputs["train_segmenter"])
+    module = load_trained_segmenter(cfg, ctx.inputs["segmenter"])
     module.predict_logits = True
     ids = build_dataset(cfg.data, split).ids
     mask_dir, logits_dir = ctx.dir / MASK_DIR, ctx.dir / LOGITS_DIR
@@ -242,7 +242,7 @@ def _score(ctx: StageContext, folder: Path, name: str, prefix: str, title: str) 
 
 
 def eval_segmenter(ctx: StageContext) -> StageResult:
-    folder = ctx.inputs["predict_segmenter"] / MASK_DIR
+    folder = ctx.inputs["segmentation"] / MASK_DIR
     title = f"round {ctx.round}: segmenter on {ctx.cfg.data.val_split}"
     return _score(ctx, folder, "segmenter", "seg", title)
 
@@ -265,7 +265,7 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
     params = CRFParams(**OmegaConf.to_container(cfg.segmenter.crf, resolve=True))
     workers = cfg.segmenter.crf_workers
     dataset = build_dataset(cfg.data, cfg.data.val_split)
-    logits_dir = ctx.inputs["predict_segmenter"] / LOGITS_DIR
+    logits_dir = ctx.inputs["segmentation"] / LOGITS_DIR
     out_dir = ctx.dir / MASK_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = _missing_ids(out_dir, dataset.ids, ".png")
