@@ -216,24 +216,32 @@ class CAMNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         frame: torch.Tensor | None = None,
         drop_context: bool = False,
-    ) -> torch.Tensor:
+        return_stages: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The features the class conv reads; ``return_stages`` also returns the four stage
+        outputs (before any concatenation after the last one), for SEAM's PCM."""
         if self.context is None:
+            if return_stages:
+                stages = self.backbone.forward_stages(x)
+                return stages[-1], stages
             return self.backbone(x)
         if frame is None:
             raise ContextInputError("this CAM net has a context module and needs a frame map")
         m = self.context_channel(context_mask, drop=drop_context)
         bb = self.backbone
+        stages = []
         for i, stage in enumerate(bb.stages):
             if i == self._inject_stage:
                 x = self._concat(x, m, frame)
             # Same gradient gating as ResNetBackbone.forward_stages (frozen stages get none).
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= bb.frozen_stages):
                 x = stage(x)
+            stages.append(x)
         if self._inject_stage == len(bb.stages):
             x = self._concat(x, m, frame)
             if self.post_conv is not None:
                 x = self.post_conv(x)
-        return x
+        return (x, stages) if return_stages else x
 
     def forward(
         self,

@@ -97,17 +97,23 @@ def random_walk_dense(
 
 
 def _flux_weights(boundary: Tensor, beta: float, radius: int) -> tuple[Tensor, Tensor]:
+    """IRNet's pair weights A = a^β, a from the boundary map (see :func:`flux_weights`)."""
+    return flux_weights(_pair_affinity(boundary.double(), radius).pow_(beta), radius)
+
+
+def flux_weights(weights: Tensor, radius: int) -> tuple[Tensor, Tensor]:
     """Normalised pair weights, both (D, h, w) and indexed by the pair's source p.
 
-    ``fwd[d, p] = A[p, p+d] / deg[p]`` and ``bwd[d, p] = A[p, p+d] / deg[p+d]``, with
-    A = a^β (0 when p + d is outside the image) and deg the column sums of A (self-loop
-    included, so deg >= 1). Computed in float64 and rounded once: a float32 degree sum biases
-    every column of T the same way, and that bias compounds over 256 steps.
+    ``weights[d, p] = A[p, p+d]`` (0 when p + d is outside the image); returns
+    ``fwd[d, p] = A[p, p+d] / deg[p]`` and ``bwd[d, p] = A[p, p+d] / deg[p+d]``, with deg the
+    column sums of A (self-loop of 1 included, so deg >= 1). Computed in float64 and rounded
+    once: a float32 degree sum biases every column of T the same way, and that bias compounds
+    over 256 steps.
     """
     pi = get_path_index(radius)
     rf = pi.radius_floor
-    h, w = boundary.shape
-    aff = _pair_affinity(boundary.double(), radius).pow_(beta)  # A[p, p + d], indexed by p
+    aff = weights.double()
+    h, w = aff.shape[1:]
     # deg[p] = 1 + Σ_d A[p, p+d] + Σ_d A[p−d, p]; the second sum shifts each map by +d.
     big = F.pad(aff, (rf, rf, rf, rf))
     deg = 1 + aff.sum(0)
@@ -138,11 +144,16 @@ def random_walk(
     Each step costs 3·D vectorised ops over (C, N) (D = 34 directions for radius 5).
     """
     cams, boundary = _check_inputs(cams, boundary)
-    c, h, w = cams.shape
+    fwd, bwd = _flux_weights(boundary, beta, radius)
+    return walk(cams.float() * (1 - boundary.float()), fwd, bwd, 2**exp_times, radius)
+
+
+def walk(x0: Tensor, fwd: Tensor, bwd: Tensor, steps: int, radius: int) -> Tensor:
+    """x ← x · T, `steps` times, for all channels of ``x0`` (C, h, w) at once; T given by the
+    :func:`flux_weights` of its pair weights. Shared by IRNet's walk and PSA's (SEAM)."""
     pi = get_path_index(radius)
     rf = pi.radius_floor
-    fwd, bwd = _flux_weights(boundary, beta, radius)
-
+    c, h, w = x0.shape
     # Flat layout: rows of `width` = w + 2·rf (zero columns both sides) and a zero margin of
     # rf rows + rf elements at both ends, so p ± d stays in bounds as a plain 1-D shift.
     width = w + 2 * rf
@@ -154,14 +165,13 @@ def random_walk(
     def flat(t: Tensor) -> Tensor:
         return F.pad(t, (rf, rf)).reshape(-1, n).float()
 
-    fwd, bwd = flat(fwd), flat(bwd)  # both indexed by the pair's source p
+    fwd, bwd = flat(fwd.to(x0.device)), flat(bwd.to(x0.device))  # indexed by the pair's source p
 
-    bufs = [cams.new_zeros(c, n + 2 * base, dtype=torch.float32) for _ in range(2)]
-    diff = cams.new_zeros(c, n, dtype=torch.float32)
-    x0 = cams.float() * (1 - boundary.float())
-    bufs[0][:, core].view(c, h, width)[..., rf : rf + w] = x0
+    bufs = [x0.new_zeros(c, n + 2 * base, dtype=torch.float32) for _ in range(2)]
+    diff = x0.new_zeros(c, n, dtype=torch.float32)
+    bufs[0][:, core].view(c, h, width)[..., rf : rf + w] = x0.float()
 
-    for step in range(2**exp_times):
+    for step in range(steps):
         x, y = bufs[step % 2], bufs[(step + 1) % 2]
         y[:, core] = 0  # accumulate the small flux terms alone, add x once at the end
         for i, s in enumerate(shifts):
@@ -169,7 +179,7 @@ def random_walk(
             y[:, core].addcmul_(diff, fwd[i])
             y[:, base + s : base + s + n].addcmul_(diff, bwd[i], value=-1)
         y[:, core] += x[:, core]
-    out = bufs[(2**exp_times) % 2][:, core].view(c, h, width)[..., rf : rf + w]
+    out = bufs[steps % 2][:, core].view(c, h, width)[..., rf : rf + w]
     return out.contiguous()
 
 

@@ -44,7 +44,9 @@ def run(root: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((root / "outputs/synth_irnet_conta/seed_0/results.json").read_text())["rounds"]["0"]
+    return json.loads((root / "outputs/synth_irnet_conta/seed_0/results.json").read_text())[
+        "rounds"
+    ]["0"]
 
 
 def launch(root: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float, float]:

@@ -1,10 +1,16 @@
-"""The registry of stages the driver can run, in the order of one round."""
+"""The registry of stages the driver can run: the shared ones (classifier, scoring, segmenter,
+CONTA), IRNet's and, from its own module, PSA's (method=seam)."""
 
 from src.pipeline.stage import Stage
 from src.pipeline.stages.cam import eval_cams, make_cams, train_cam
 from src.pipeline.stages.conta import make_confounders
 from src.pipeline.stages.context import CONFOUNDER_STAGE
 from src.pipeline.stages.irnet import eval_pseudo, make_ir_labels, make_pseudo_masks, train_affinity
+from src.pipeline.stages.keys import CAM_NET as _CAM_NET
+from src.pipeline.stages.keys import NORMALISED as _NORMALISED
+from src.pipeline.stages.keys import TORCH as _TORCH
+from src.pipeline.stages.keys import TRAIN_IMAGES as _TRAIN_IMAGES
+from src.pipeline.stages.psa import PSA_STAGES
 from src.pipeline.stages.segmenter import (
     crf_segmenter,
     eval_segmenter,
@@ -17,18 +23,8 @@ from src.pipeline.stages.segmenter import (
 # checks every leaf of the config against its own table). `data:` / `file:` keys stand for the
 # content of a split / file (src/pipeline/hashing.py).
 
-# The recipe, not the machine: precision is a setting of the method (bf16 vs fp32); the device
-# kind and count, nodes, strategy, loader workers and determinism flags are not hashed, so a run
-# moved to other hardware continues where it stopped (its numbers then agree up to float
-# rounding, not bit for bit; README "Resume and invalidation").
-_TORCH = ("trainer.precision",)
-_TRAINING = _TORCH
-# The training images as every stage that reads them sees them.
-_TRAIN_IMAGES = ("data:train_split", "data.format", "data.on_empty_label", "data.num_classes")
-_NORMALISED = ("data.mean", "data.std")
-_CAM_NET = ("backbone", "file:backbone.weights_path")
 _CAM_TRAINING = (
-    *_TRAINING,
+    *_TORCH,
     *_TRAIN_IMAGES,
     *_NORMALISED,
     *_CAM_NET,
@@ -62,7 +58,7 @@ _IR_LABELS = (
 )
 _AFFINITY_NET = (*_CAM_NET, "affinity.backbone_init", "affinity.edge_width", "affinity.dp_width")
 _AFFINITY_TRAINING = (
-    *_TRAINING,
+    *_TORCH,
     *_TRAIN_IMAGES,
     *_NORMALISED,
     *_AFFINITY_NET,
@@ -107,7 +103,7 @@ _SEGMENTER_NET = (
     "segmenter.module.scales",
 )
 _SEGMENTER_TRAINING = (
-    *_TRAINING,
+    *_TORCH,
     *_TRAIN_IMAGES,
     *_NORMALISED,
     *_SEGMENTER_NET,
@@ -229,5 +225,6 @@ STAGES: dict[str, Stage] = {
             produces="confounders",
             inputs=("segmenter",),
         ),
+        *PSA_STAGES,
     ]
 }

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from src.callbacks.prediction_writer import NpzPredictionWriter
@@ -182,8 +182,20 @@ def load_cam_classifier(
             f"{weights} is missing: re-run the train_cam stage of this round"
         )
     module = build_cam_classifier(cfg, confounders)
-    module.net.load_state_dict(read_weights(weights, "train_cam"))
+    try:
+        module.net.load_state_dict(read_weights(weights, "train_cam"))
+    except RuntimeError as err:
+        raise MissingArtifactError(
+            f"{weights} does not fit cam.net={cfg.cam.net._target_} (method={_method(cfg)}): "
+            f"it was trained by another method or architecture ({str(err).splitlines()[0]}). "
+            "Fix: run with the method that trained it, or redo the classifier "
+            "(force=[train_cam])."
+        ) from err
     return module
+
+
+def _method(cfg: DictConfig) -> str:
+    return str(OmegaConf.select(cfg, "method.name", default="?"))
 
 
 def make_cams(ctx: StageContext) -> StageResult:

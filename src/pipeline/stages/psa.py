@@ -1,0 +1,268 @@
+"""PSA expansion stages (SEAM's pseudo-mask step, baselines.md §A5):
+make_psa_labels -> train_psa_affinity -> make_psa_pseudo_masks (-> eval_pseudo, shared).
+
+They mirror src/pipeline/stages/irnet.py (resumable per-image outputs, atomic writes, DDP
+barriers) and fill the same roles, so the shared readers (eval_pseudo, train_segmenter) take
+their outputs unchanged: the labels are `<dir>/ir_labels/<id>.png` (IR_LABEL_DIR, the
+affinity_labels layout eval_pseudo reads) and the pseudo-masks `<dir>/masks/<id>.png`.
+The weights file has its own name, so an IRNet walk handed PSA weights (or the reverse) stops
+with "missing" instead of a state-dict mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from src.callbacks.prediction_writer import PngPredictionWriter
+from src.datamodules import build_dataset, eval_transform, train_transform
+from src.datamodules.datamodule import training_loader
+from src.datamodules.palette import save_label_png
+from src.datamodules.validation import read_rgb
+from src.models.psa import PSAAffinityModule, PSAAffinityNet
+from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.runtime import barrier, build_trainer
+from src.pipeline.stage import Stage, StageContext, StageResult
+from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone, read_weights
+from src.pipeline.stages.irnet import (
+    IR_LABEL_DIR,
+    MASK_DIR,
+    _label_stats,
+    collate_with_cams,
+    label_png_loader,
+)
+from src.pipeline.stages.keys import CAM_NET, NORMALISED, TORCH, TRAIN_IMAGES
+from src.postprocess.crf import CRFParams, run_parallel
+from src.postprocess.psa_labels import make_psa_label, walk_input
+from src.utils.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
+LABEL_DIR = IR_LABEL_DIR  # the affinity_labels layout: eval_pseudo reads it unchanged
+PSA_WEIGHTS = "psa_affinity_net.pt"
+
+
+def _checked_high_res(cam: dict, image_id: str, cam_dir: Path, size: tuple[int, int]) -> np.ndarray:
+    high_res = cam["high_res"].astype(np.float32)
+    if not np.isfinite(high_res).all():
+        raise ValueError(
+            f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams"
+        )
+    if high_res.shape[1:] != size:
+        raise MissingArtifactError(
+            f"CAM of image {image_id!r} is {high_res.shape[1:]} but the image is {size}"
+        )
+    return high_res
+
+
+# -- labels from two CRF powers ---------------------------------------------------------------
+def _psa_label_job(
+    job: tuple, *, low_alpha: float, high_alpha: float, crf: CRFParams, out_dir: Path
+) -> None:
+    image_id, image_path, cam_dir = job
+    image = read_rgb(image_path)
+    cam = load_cam(cam_dir, image_id)
+    high_res = _checked_high_res(cam, image_id, cam_dir, image.shape[:2])
+    label = make_psa_label(image, high_res, cam["keys"], low_alpha, high_alpha, crf)
+    save_label_png(out_dir / f"{image_id}.png", label)
+
+
+def make_psa_labels(ctx: StageContext) -> StageResult:
+    """Confident fg (low-α CRF) / bg (high-α CRF) / unsure labels from the CAMs (process pool)."""
+    cfg = ctx.cfg
+    opts = cfg.affinity.psa_label
+    dataset = build_dataset(cfg.data, cfg.data.train_split)
+    cam_dir = ctx.inputs["cams"] / CAM_DIR
+    out_dir = ctx.dir / LABEL_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Resume: labels an interrupted attempt wrote are complete (atomic writes) and kept.
+    todo = missing_items(dataset.ids, (out_dir, ".png"))
+    jobs = [(dataset.ids[i], dataset.image_paths[i], cam_dir) for i in todo]
+    job = partial(
+        _psa_label_job,
+        low_alpha=opts.low_alpha,
+        high_alpha=opts.high_alpha,
+        crf=CRFParams(**opts.crf),
+        out_dir=out_dir,
+    )
+    log.info("make_psa_labels: %d of %d images, %d workers", len(jobs), len(dataset), opts.workers)
+    run_parallel(job, jobs, workers=opts.workers)
+    stats = _label_stats(out_dir, dataset.ids)
+    stats["resume"] = resume_counts(dataset.ids, todo, (out_dir, ".png"))
+    return StageResult(metrics=stats, artifacts=[LABEL_DIR])
+
+
+# -- the affinity network ---------------------------------------------------------------------
+def build_psa_module(cfg: DictConfig, classifier_dir: Path | None) -> PSAAffinityModule:
+    """cfg.backbone with `affinity.backbone` on top (PSA needs output stride 8 and frozen BN,
+    whatever the classifier uses); `affinity.backbone_init`: pretrained (ImageNet, as PSA) or
+    cam (this round's classifier backbone: the synthetic set has no ImageNet weights)."""
+    overrides = OmegaConf.to_container(cfg.affinity.backbone or {}, resolve=True)
+    backbone = instantiate(cfg.backbone, **overrides)
+    if cfg.affinity.backbone_init == "cam":
+        load_classifier_backbone(backbone, classifier_dir, "affinity.backbone_init")
+    elif cfg.affinity.backbone_init != "pretrained":
+        raise ValueError(
+            f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam"
+        )
+    net = PSAAffinityNet(backbone, widths=list(cfg.affinity.widths))
+    return PSAAffinityModule(net, num_classes=cfg.data.num_classes, **cfg.affinity.module)
+
+
+def train_psa_affinity(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    aff = cfg.affinity
+    resize = {"resize_long": tuple(aff.resize_long)} if aff.resize_long else {}
+    if aff.scale_range:
+        resize["scale_range"] = tuple(aff.scale_range)
+    transform = train_transform(
+        aff.crop_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        extra_targets={"ir_label": "label"},
+        **resize,
+    )
+    label_dir = ctx.inputs["affinity_labels"] / LABEL_DIR
+    extras = {"ir_label": label_png_loader(label_dir, "make_psa_labels")}
+    dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
+    loader = training_loader(dataset, aff.batch_size, cfg.num_workers)
+    module = build_psa_module(cfg, ctx.inputs.get("classifier"))
+    trainer = build_trainer(
+        cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
+    )
+    trainer.fit(
+        module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
+    )
+    if trainer.is_global_zero:
+        atomic_torch_save(ctx.dir / PSA_WEIGHTS, module.net.state_dict())
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["momentum"] = module.effective_momentum
+    metrics["resume"] = ctx.training_resume(trainer)
+    return StageResult(metrics=metrics, artifacts=[PSA_WEIGHTS])
+
+
+# -- random walk -> pseudo-masks ----------------------------------------------------------------
+class WithWalkCams(Dataset):
+    """Adds each image's walk input (psa_labels.walk_input of its high-res CAMs: background
+    (1 − max)^α first, pooled to the stride grid) and class keys to the sample."""
+
+    def __init__(self, dataset, cam_dir: Path, alpha: float, stride: int):
+        self.dataset, self.cam_dir, self.alpha, self.stride = dataset, cam_dir, alpha, stride
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset[i]
+        cam = load_cam(self.cam_dir, sample["id"])
+        size = tuple(int(s) for s in sample["size"])
+        high_res = _checked_high_res(cam, sample["id"], self.cam_dir, size)
+        sample["cam"] = walk_input(high_res, self.alpha, self.stride)
+        sample["keys"] = cam["keys"].astype(np.int64)
+        return sample
+
+
+def make_psa_pseudo_masks(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    module = build_psa_module(cfg, ctx.inputs.get("classifier"))
+    weights = ctx.inputs["affinity"] / PSA_WEIGHTS
+    if not weights.is_file():
+        raise MissingArtifactError(f"{weights} missing: re-run train_psa_affinity")
+    module.net.load_state_dict(read_weights(weights, "train_psa_affinity"))
+    dataset = build_dataset(
+        cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
+    )
+    out_dir = ctx.dir / MASK_DIR
+    todo = missing_items(dataset.ids, (out_dir, ".png"))
+    barrier()  # every rank has listed the same todo before any rank writes
+    log.info("make_psa_pseudo_masks: %d of %d images", len(todo), len(dataset))
+    if todo:
+        walk_cams = WithWalkCams(
+            dataset,
+            ctx.inputs["cams"] / CAM_DIR,
+            alpha=module.hparams.bg_alpha,
+            stride=module.net.output_stride,
+        )
+        loader = DataLoader(
+            Subset(walk_cams, todo),
+            batch_size=cfg.affinity.inference_batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_with_cams,
+        )
+        writer = PngPredictionWriter(out_dir, key="mask")
+        trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    barrier()  # every rank's shard is on disk before the count
+    resume = resume_counts(dataset.ids, todo, (out_dir, ".png"))
+    return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
+
+
+# -- registry entries ---------------------------------------------------------------------------
+# What each stage's output depends on besides its inputs (src/pipeline/stages/keys.py). Not
+# hashed: psa_label.workers and inference_batch_size (the same result for any value).
+_PSA_LABELS = (
+    *TRAIN_IMAGES,
+    "affinity.psa_label.low_alpha",
+    "affinity.psa_label.high_alpha",
+    "affinity.psa_label.crf",
+)
+_PSA_NET = (*CAM_NET, "affinity.backbone_init", "affinity.backbone", "affinity.widths")
+_PSA_TRAINING = (
+    *TORCH,
+    *TRAIN_IMAGES,
+    *NORMALISED,
+    *_PSA_NET,
+    "affinity.crop_size",
+    "affinity.resize_long",
+    "affinity.scale_range",
+    "affinity.batch_size",
+    "affinity.max_epochs",
+    "affinity.module.radius",
+    "affinity.module.lr",
+    "affinity.module.head_lr_mult",
+    "affinity.module.weight_decay",
+    "affinity.module.momentum",
+    "affinity.module.momentum_quirk",
+    "affinity.module.poly_power",
+)
+_PSA_WALK = (
+    *TORCH,
+    *TRAIN_IMAGES,
+    *NORMALISED,
+    *_PSA_NET,
+    "affinity.module.radius",
+    "affinity.module.beta",
+    "affinity.module.logt",
+    "affinity.module.bg_alpha",
+)
+
+PSA_STAGES = [
+    Stage(
+        "make_psa_labels",
+        make_psa_labels,
+        _PSA_LABELS,
+        produces="affinity_labels",
+        inputs=("cams",),
+        rank_zero_only=True,
+    ),
+    Stage(
+        "train_psa_affinity",
+        train_psa_affinity,
+        _PSA_TRAINING,
+        produces="affinity",
+        # classifier: read only with affinity.backbone_init=cam (as train_affinity).
+        inputs=("classifier", "affinity_labels"),
+    ),
+    Stage(
+        "make_psa_pseudo_masks",
+        make_psa_pseudo_masks,
+        _PSA_WALK,
+        produces="pseudo_masks",
+        inputs=("classifier", "cams", "affinity"),
+    ),
+]
