@@ -6,7 +6,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format bench bench-conta bench-sets bench-faults clean clean-outputs
+.PHONY: help install train test test-full lint format bench bench-conta bench-sets bench-faults table2 clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ bench-sets: install ## The segmenter recipe on generated sets it was not tuned o
 
 bench-faults: install ## Fault campaign: SIGKILL the default experiment 20 times, resume, compare every artifact with an uninterrupted run (long)
 	$(PY) bench/faults.py --kills 20 --seed 0
+
+SWEEP ?= method=irnet,seam conta=off,on seed=0,1,2
+table2: install ## Table 2 on the synthetic set: the supervised bounds, the sweep $(SWEEP), then report.py (long)
+	for seed in 0 1 2; do $(PY) train.py experiment=synth_supervised seed=$$seed || exit 1; done
+	$(PY) train.py -m $(SWEEP) $(ARGS)
+	$(PY) report.py outputs/multirun/synth
 
 clean-outputs: ## Remove run outputs (outputs/)
 	rm -rf outputs

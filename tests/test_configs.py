@@ -33,9 +33,10 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
         tmp_path,
     )
     OmegaConf.resolve(cfg)
-    # Recipes of one data x method x conta point are named by it; partial ones by themselves.
-    name = f"{cfg.data.name}_{cfg.method.name}{cfg.conta.suffix}"
-    assert cfg.experiment_name in (name, experiment)
+    # Runs are named by their data x method x conta point (the classifier-only recipes by data
+    # and method, + _cam), so a sweep's jobs never share a folder; the bound by itself.
+    name = f"{cfg.data.name}_{cfg.method.name}"
+    assert cfg.experiment_name in (name + cfg.conta.suffix, name + "_cam", experiment)
     assert cfg.paths.run_dir == f"{tmp_path}/outputs/{cfg.experiment_name}/seed_0"
     check_stages(cfg)
     module = build_cam_classifier(cfg)

@@ -83,7 +83,7 @@ def test_tiny_pipeline_logs_one_offline_wandb_run_per_stage(tmp_path, monkeypatc
         (run,) = [r.run for r in records if r.HasField("run")]
         assert (run.display_name, run.run_group, run.job_type) == (
             f"r0_{stage}",
-            "synth_cam",
+            "synth_irnet_cam",
             stage,
         )
         assert kinds[-1] == "exit"  # wandb.finish() was called

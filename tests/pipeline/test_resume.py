@@ -44,7 +44,7 @@ TRAIN_IMAGES = 24  # tests.conftest.TINY_SYNTH
 # The classifier alone, for three epochs of 24 / 8 = 3 optimizer steps.
 CAM_ARGS = ["experiment=synth_cam", *FAST, "cam.max_epochs=3", "stages=[train_cam]"]
 STEPS_PER_EPOCH = 3
-CAM_STAGE = "outputs/synth_cam/seed_0/round_0/train_cam"
+CAM_STAGE = "outputs/synth_irnet_cam/seed_0/round_0/train_cam"
 
 
 class KillMidEpoch(L.Callback):

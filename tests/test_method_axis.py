@@ -1,0 +1,64 @@
+"""The data x method x conta axes: composition, the role plan, and the bad inputs a sweep user
+hits (an unknown method, a stage list that leaves a role unproduced, another method's weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import HydraException
+
+from src.pipeline.artifacts import MissingArtifactError
+from src.pipeline.driver import check_stages, run_identity
+from src.pipeline.plan import PipelineError
+from src.pipeline.stages.cam import WEIGHTS_FILE, build_cam_classifier, load_cam_classifier
+from tests.conftest import compose_cfg
+
+
+@pytest.mark.parametrize("method", ["irnet", "seam"])
+@pytest.mark.parametrize("conta", ["off", "on"])
+def test_each_point_of_the_sweep_composes_into_a_plan(method, conta):
+    cfg = compose_cfg([f"method={method}", f"conta={conta}"])
+    plan = check_stages(cfg)
+    assert cfg.experiment_name == f"synth_{method}" + ("_conta" if conta == "on" else "")
+    assert cfg.round == (2 if conta == "on" else 0)
+    assert ("confounders" in plan.names) == (conta == "on")
+    # Every role the shared stages read has exactly one producer of this method.
+    assert {"classifier", "cams", "affinity_labels", "affinity", "pseudo_masks"} <= set(
+        plan.producers
+    )
+    assert run_identity(cfg) == {"data": "synth", "method": method, "conta": conta == "on"}
+
+
+def test_a_run_of_part_of_a_method_names_no_method():
+    assert run_identity(compose_cfg(["experiment=synth_cam"]))["method"] is None
+    assert run_identity(compose_cfg(["experiment=synth_supervised"]))["method"] is None
+
+
+@pytest.mark.parametrize("override", ["method=deeplab", "conta=maybe", "scale=gpu"])
+def test_an_unknown_axis_value_names_the_group_and_its_options(override):
+    group = override.split("=")[0]
+    with pytest.raises(HydraException, match=f"(?s){group}.*Available options"):
+        compose_cfg([override])
+
+
+def test_a_role_no_stage_produces_is_refused_before_anything_runs():
+    cfg = compose_cfg(["stages=[train_cam,make_cams,train_psa_affinity]", "conta=off"])
+    with pytest.raises(PipelineError, match=r"train_psa_affinity reads \['affinity_labels'\]"):
+        check_stages(cfg)
+
+
+def test_two_producers_of_one_role_are_refused():
+    cfg = compose_cfg(["stages=[train_cam,make_cams,make_ir_labels,make_psa_labels]", "conta=off"])
+    with pytest.raises(PipelineError, match="make_ir_labels and make_psa_labels both produce"):
+        check_stages(cfg)
+
+
+def test_a_seam_classifier_given_to_the_irnet_stages_names_the_config_and_the_fix(tmp_path):
+    seam = build_cam_classifier(compose_cfg(["method=seam"]))
+    torch.save(seam.net.state_dict(), tmp_path / WEIGHTS_FILE)
+    cfg = compose_cfg(["method=irnet"])
+    with pytest.raises(
+        MissingArtifactError,
+        match=r"(?s)cam.net=src.models.cam.CAMNet.*method=irnet.*force=\[train_cam\]",
+    ):
+        load_cam_classifier(cfg, tmp_path)
