@@ -9,6 +9,7 @@ from hydra.errors import HydraException
 
 from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.driver import check_stages, run_identity
+from src.pipeline.hashing import plan_digests
 from src.pipeline.plan import PipelineError
 from src.pipeline.stages.cam import WEIGHTS_FILE, build_cam_classifier, load_cam_classifier
 from tests.conftest import compose_cfg
@@ -62,3 +63,14 @@ def test_a_seam_classifier_given_to_the_irnet_stages_names_the_config_and_the_fi
         match=r"(?s)cam.net=src.models.cam.CAMNet.*method=irnet.*force=\[train_cam\]",
     ):
         load_cam_classifier(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["irnet", "seam"])
+def test_round_0_of_a_conta_run_is_the_conta_off_run(method):
+    """Every round-0 stage has the same hash with conta on and off: the baseline row of
+    report.py may come from round 0 of the conta=on runs (what `make table2` measured)."""
+    off, on = (compose_cfg([f"method={method}", f"conta={c}"]) for c in ("off", "on"))
+    digests_off = plan_digests(off, check_stages(off))
+    digests_on = plan_digests(on, check_stages(on))
+    shared = [k for k in digests_off if k[0] == 0]
+    assert shared and all(digests_off[k] == digests_on[k] for k in shared)

@@ -27,7 +27,7 @@ from src.pipeline.stages.psa import (
 from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
 
 FAST_PSA = [
-    "affinity=psa_synth",
+    "method=seam",
     "affinity.max_epochs=1",
     "affinity.batch_size=8",
     "affinity.inference_batch_size=8",
@@ -133,7 +133,7 @@ def test_walk_without_trained_weights_says_what_to_rerun(psa_cfg, inputs, tmp_pa
 
 
 def test_stage_declarations_cover_every_psa_setting(psa_cfg):
-    """Each config key a stage declares exists, and every leaf of affinity=psa_synth is hashed
+    """Each config key a stage declares exists, and every leaf of affinity=seam_cpu (method=seam) is hashed
     by some PSA stage, or is one of the settings that cannot change a result."""
     assert [s.name for s in PSA_STAGES] == [
         "make_psa_labels",

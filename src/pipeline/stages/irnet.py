@@ -82,12 +82,12 @@ def make_ir_labels(ctx: StageContext) -> StageResult:
         cfg.affinity.ir_label.workers,
     )
     run_parallel(job, jobs, workers=cfg.affinity.ir_label.workers)
-    stats = _label_stats(out_dir, dataset.ids)
+    stats = label_stats(out_dir, dataset.ids)
     stats["resume"] = resume_counts(dataset.ids, todo, (out_dir, ".png"))
     return StageResult(metrics=stats, artifacts=[IR_LABEL_DIR])
 
 
-def _label_stats(out_dir: Path, ids: list[str]) -> dict:
+def label_stats(out_dir: Path, ids: list[str]) -> dict:
     """Share of confident foreground, background and unsure pixels over the IR labels."""
     counts = np.zeros(3, dtype=np.int64)
     for image_id in ids:
@@ -133,11 +133,19 @@ def train_affinity(ctx: StageContext) -> StageResult:
         std=cfg.data.std,
         extra_targets={"ir_label": "label"},
     )
-    ir_dir = ctx.inputs["affinity_labels"] / IR_LABEL_DIR
-    extras = {"ir_label": label_png_loader(ir_dir, "make_ir_labels")}
+    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
+    metrics = fit_on_affinity_labels(ctx, module, transform, AFFINITY_WEIGHTS)
+    return StageResult(metrics=metrics, artifacts=[AFFINITY_WEIGHTS])
+
+
+def fit_on_affinity_labels(ctx: StageContext, module, transform, weights_file: str) -> dict:
+    """Train an affinity module (IRNet's or PSA's) on the training images with the round's
+    affinity labels as `ir_label`, save its net as `weights_file`; returns the stage metrics."""
+    cfg, aff = ctx.cfg, ctx.cfg.affinity
+    label_dir = ctx.inputs["affinity_labels"] / IR_LABEL_DIR
+    extras = {"ir_label": label_png_loader(label_dir, "the affinity-label stage")}
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
     loader = training_loader(dataset, aff.batch_size, cfg.num_workers)
-    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
     trainer = build_trainer(
         cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
     )
@@ -145,10 +153,10 @@ def train_affinity(ctx: StageContext) -> StageResult:
         module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
     if trainer.is_global_zero:
-        atomic_torch_save(ctx.dir / AFFINITY_WEIGHTS, module.net.state_dict())
+        atomic_torch_save(ctx.dir / weights_file, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["resume"] = ctx.training_resume(trainer)
-    return StageResult(metrics=metrics, artifacts=[AFFINITY_WEIGHTS])
+    return metrics
 
 
 # -- random walk -> pseudo-masks ------------------------------------------------------------

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from src.callbacks.prediction_writer import PngPredictionWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
-from src.datamodules.datamodule import training_loader
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
 from src.models.psa import PSAAffinityModule, PSAAffinityNet
@@ -33,14 +32,13 @@ from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone,
 from src.pipeline.stages.irnet import (
     IR_LABEL_DIR,
     MASK_DIR,
-    _label_stats,
     collate_with_cams,
-    label_png_loader,
+    fit_on_affinity_labels,
+    label_stats,
 )
 from src.pipeline.stages.keys import CAM_NET, NORMALISED, TORCH, TRAIN_IMAGES
 from src.postprocess.crf import CRFParams, run_parallel
 from src.postprocess.psa_labels import make_psa_label, walk_input
-from src.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 LABEL_DIR = IR_LABEL_DIR  # the affinity_labels layout: eval_pseudo reads it unchanged
@@ -92,7 +90,7 @@ def make_psa_labels(ctx: StageContext) -> StageResult:
     )
     log.info("make_psa_labels: %d of %d images, %d workers", len(jobs), len(dataset), opts.workers)
     run_parallel(job, jobs, workers=opts.workers)
-    stats = _label_stats(out_dir, dataset.ids)
+    stats = label_stats(out_dir, dataset.ids)
     stats["resume"] = resume_counts(dataset.ids, todo, (out_dir, ".png"))
     return StageResult(metrics=stats, artifacts=[LABEL_DIR])
 
@@ -127,22 +125,9 @@ def train_psa_affinity(ctx: StageContext) -> StageResult:
         extra_targets={"ir_label": "label"},
         **resize,
     )
-    label_dir = ctx.inputs["affinity_labels"] / LABEL_DIR
-    extras = {"ir_label": label_png_loader(label_dir, "make_psa_labels")}
-    dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
-    loader = training_loader(dataset, aff.batch_size, cfg.num_workers)
     module = build_psa_module(cfg, ctx.inputs.get("classifier"))
-    trainer = build_trainer(
-        cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
-    )
-    trainer.fit(
-        module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
-    )
-    if trainer.is_global_zero:
-        atomic_torch_save(ctx.dir / PSA_WEIGHTS, module.net.state_dict())
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = fit_on_affinity_labels(ctx, module, transform, PSA_WEIGHTS)
     metrics["momentum"] = module.effective_momentum
-    metrics["resume"] = ctx.training_resume(trainer)
     return StageResult(metrics=metrics, artifacts=[PSA_WEIGHTS])
 
 
