@@ -54,7 +54,8 @@ def check_stages(cfg: DictConfig) -> Plan:
     plan = build_plan(list(cfg.stages), STAGES, cfg.round)
     # The classifier is an optional input of train_segmenter; backbone_init=cam needs it.
     segmenter_init = OmegaConf.select(cfg, "segmenter.backbone_init")
-    if "segmenter" in _roles(plan) and segmenter_init == "cam" and "classifier" not in _roles(plan):
+    roles = plan.producers
+    if "segmenter" in roles and segmenter_init == "cam" and "classifier" not in roles:
         raise PipelineError(
             "segmenter.backbone_init=cam starts the segmenter from this round's classifier, but "
             f"no stage of `stages` ({plan.names}) produces it. Fix: add the method's classifier "
@@ -63,14 +64,10 @@ def check_stages(cfg: DictConfig) -> Plan:
     return plan
 
 
-def _roles(plan: Plan) -> set[str]:
-    return set(plan.producers)
-
-
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run (or resume) rounds 0..cfg.round; returns the results dict written to results.json."""
     run_dir = Path(cfg.paths.run_dir).resolve()
-    stages = check_stages(cfg)
+    plan = check_stages(cfg)
     if cfg.round < 0:
         raise PipelineError(f"round={cfg.round} must be >= 0")
 
@@ -81,14 +78,14 @@ def run_pipeline(cfg: DictConfig) -> dict:
     run_on_rank_zero(start_run, "writing the run's config")
     fingerprints = _data_fingerprints(cfg, run_dir)
     weights_digest = _weights_digest(cfg)
-    digests = plan_digests(cfg, stages, fingerprints, weights_digest)
+    digests = plan_digests(cfg, plan, fingerprints, weights_digest)
     redone: set[tuple[int, str]] = set()
     for round_idx in range(cfg.round + 1):
-        for stage in stages:
-            reason = _redo_reason(cfg, stages, stage, round_idx, redone)
+        for stage in plan:
+            reason = _redo_reason(cfg, plan, stage, round_idx, redone)
             picked = picked_config(cfg, stage_keys(stage, round_idx), fingerprints, weights_digest)
             key = (round_idx, stage.name)
-            ran = _run_stage(cfg, run_dir, round_idx, stages, stage, digests[key], picked, reason)
+            ran = _run_stage(cfg, run_dir, round_idx, plan, stage, digests[key], picked, reason)
             if ran and reason is not None:
                 redone.add(key)
     barrier()  # every rank has left its last stage
