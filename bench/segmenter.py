@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 
 from src.datamodules import build_dataset, eval_transform, prepare_data, train_transform  # noqa: E402
 from src.models.deeplab import DeepLabV2, SegmenterModule, msc_logits, msc_loss  # noqa: E402
-from src.models.optim import poly_sgd  # noqa: E402
 
 DLP_MSC_COST = 1.8  # deeplab-pytorch's expected MSC training cost over a single scale
 
@@ -164,17 +163,17 @@ def main() -> None:
         scales = [float(s) for s in accepted["scales"].default]
     net = DeepLabV2(instantiate(backbone_cfg), classes, list(seg.rates)).to(device)
     module_kwargs = {k: v for k, v in seg.module.items() if k in accepted}
-    module = SegmenterModule(net, classes, **module_kwargs)
+    module = SegmenterModule(
+        net,
+        classes,
+        optimizer=instantiate(seg.optimizer),
+        scheduler=instantiate(seg.scheduler),
+        total_steps=int(seg.max_steps),
+        **module_kwargs,
+    )
 
     def make_optimizer():
-        hp = module.hparams
-        opt = poly_sgd(
-            module.param_groups(),
-            lr=hp.lr,
-            momentum=hp.momentum,
-            total_steps=int(seg.max_steps),
-            power=hp.poly_power,
-        )
+        opt = module.configure_optimizers()
         return opt["optimizer"], opt["lr_scheduler"]["scheduler"]
 
     # One fixed crop-size training batch from the synthetic set (the stage's augmentation).

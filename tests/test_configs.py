@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from src.pipeline.driver import check_stages
 from src.pipeline.stages.cam import build_cam_classifier
+from src.pipeline.stages.seeded import build_seeded_module, cue_grid
 from src.pipeline.stages.segmenter import build_segmenter
 from tests.conftest import CONF_DIR, compose_cfg
 
@@ -18,6 +19,14 @@ def test_default_experiment_is_synthetic():
     cfg = compose_cfg([])
     assert cfg.experiment_name == "synth_irnet_conta" and cfg.round == 2
     assert cfg.data.name == "synth" and cfg.upper_bound == "synth_supervised"
+
+
+def plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -41,9 +50,20 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
     check_stages(cfg)
     module = build_cam_classifier(cfg)
     assert module.net.num_classes == cfg.data.num_classes - 1
+    modules = [module]
     if "train_segmenter" in cfg.stages:
         segmenter = build_segmenter(cfg)
         assert segmenter.net.output_stride == 8
+        modules.append(segmenter)
+    if "seeded" in cfg:  # SEC / DSRG: the net on its recipe's backbone, without weights
+        with open_dict(cfg):
+            cfg.seeded.backbone_init = "pretrained"
+            cfg.seeded.backbone.weights = None
+        seeded = build_seeded_module(cfg, None)
+        assert seeded.net.output_stride == 8 and seeded.num_classes == cfg.data.num_classes
+        modules.append(seeded)
+    for built in modules:  # checkpoints are read with weights_only: plain values only
+        assert plain(dict(built.hparams)), (type(built).__name__, dict(built.hparams))
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_epochs is None or trainer.max_epochs >= 1
 
@@ -55,12 +75,12 @@ def test_paper_settings(experiment):
     assert cfg.backbone.weights == "IMAGENET1K_V1"
     cam = cfg.cam
     assert (cam.crop_size, cam.batch_size, cam.max_epochs) == (512, 16, 5)
-    assert (cam.optimizer.lr, cam.optimizer.head_lr_mult, cam.optimizer.weight_decay) == (
+    assert (cam.optimizer.lr, cam.module.head_lr_mult, cam.optimizer.weight_decay) == (
         0.1,
         10,
         1e-4,
     )
-    assert cam.optimizer.poly_power == 0.9 and cam.optimizer.irnet_momentum_quirk is True
+    assert cam.scheduler.power == 0.9 and cam.optimizer.irnet_momentum_quirk is True
     assert list(cam.inference.scales) == [1.0, 0.5, 1.5, 2.0]
 
 
@@ -74,14 +94,9 @@ def test_deeplab_paper_settings(experiment):
         20000,
         321,
     )
-    m = seg.module
-    assert (m.lr, m.weight_decay, m.momentum, m.poly_power, m.poly_every) == (
-        2.5e-4,
-        5e-4,
-        0.9,
-        0.9,
-        10,
-    )
+    m, opt = seg.module, seg.optimizer
+    assert (opt.lr, opt.weight_decay, opt.momentum) == (2.5e-4, 5e-4, 0.9)
+    assert (seg.scheduler.power, seg.scheduler.every) == (0.9, 10)
     assert (m.aspp_weight_lr_mult, m.aspp_bias_lr_mult) == (10, 20)
     assert list(m.scales) == [1.0, 0.75, 0.5]
     assert list(seg.scale_choices) == [0.5, 0.75, 1.0, 1.25, 1.5]
@@ -142,3 +157,32 @@ def test_bad_stage_list_is_rejected():
     cfg = compose_cfg(["stages=[train_cam,typo]"])
     with pytest.raises(PipelineError, match="unknown"):
         check_stages(cfg)
+
+
+def test_sec_and_dsrg_paper_settings():
+    sec = compose_cfg(["experiment=voc_sec"]).seeded
+    assert (sec.input_size, sec.flip, sec.batch_size, sec.max_steps) == (321, False, 15, 8000)
+    assert (sec.optimizer.lr, sec.optimizer.momentum, sec.optimizer.weight_decay) == (
+        1e-3,
+        0.9,
+        5e-4,
+    )
+    assert (sec.scheduler.step_size, sec.scheduler.gamma) == (2000, 0.1)
+    assert (sec.module.d_fg, sec.module.d_bg, sec.module.floor) == (0.996, 0.999, 1e-4)
+    assert (sec.net.head, sec.net.dilation, sec.net.hidden) == ("largefov", 12, 1024)
+    assert (sec.cues.fg_threshold, sec.cues.bg_fraction) == (0.2, 0.1)
+    assert (
+        sec.module.crf.bilateral_sxy == pytest.approx(80 / 12) and sec.test_crf.bilateral_sxy == 80
+    )
+    dsrg = compose_cfg(["experiment=voc_dsrg"]).seeded
+    assert (dsrg.flip, dsrg.batch_size, dsrg.max_steps, dsrg.optimizer.lr) == (True, 20, 8000, 5e-4)
+    assert (dsrg.scheduler.step_size, dsrg.scheduler.gamma) == (1000, 0.33)
+    assert (dsrg.module.bg_threshold, dsrg.module.fg_threshold) == (0.99, 0.85)
+    assert list(dsrg.module.boundary_clip) == [0.05, 20] and list(dsrg.net.rates) == [6, 12, 18, 24]
+    assert "d_fg" not in dsrg.module and "dilation" not in dsrg.net
+
+
+def test_coco_cues_are_sized_for_81_classes():
+    cfg = compose_cfg(["experiment=coco_conta", "method=dsrg"])
+    assert cfg.data.num_classes == 81 and cfg.experiment_name == "coco_dsrg_conta"
+    assert cue_grid(cfg) == (41, 41)

@@ -168,3 +168,83 @@ def curve_plot(
     ax.grid(alpha=0.3)
     ax.legend()
     return _save_atomic(fig, out_path, dpi)
+
+
+_BG_CUE_RGB = np.array([0, 200, 255], dtype=np.float32)  # background cues: a light blue
+
+
+def _cells_to_pixels(cues: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, gh, gw) cue grid -> (C, H, W): the grid covers the whole image, cell (i, j) is the
+    block [i H/gh, (i+1) H/gh) x [j W/gw, (j+1) W/gw) (nearest: cells stay visible as blocks)."""
+    gh, gw = cues.shape[1:]
+    rows = np.arange(size[0]) * gh // size[0]
+    cols = np.arange(size[1]) * gw // size[1]
+    return cues[:, rows][:, :, cols]
+
+
+def cue_figure(
+    images: Sequence[Any],
+    cues_list: Sequence[np.ndarray],
+    class_names: Sequence[str],
+    out_path: str | os.PathLike,
+    title: str | None = None,
+    palette: np.ndarray | None = None,
+    alpha: float = 0.6,
+    cell_inches: float = 2.5,
+    dpi: int = 100,
+) -> Path:
+    """SEC/DSRG localization cues, one row per image: image | background cues | foreground cues.
+
+    ``cues_list``: bool (num_classes, gh, gw) per image, channel 0 = background
+    (``src.postprocess.cues.assemble_cues``), on a grid covering the whole image; cells are drawn
+    as blocks over the image. Background cues in light blue; a foreground cell in its class's
+    colour (``palette``, default VOC's), a cell with several classes in the mean of their colours.
+    The legend lists the classes with a cue in any row. Saved atomically like ``overlay_grid``."""
+    if not images or len(images) != len(cues_list):
+        raise ValueError(
+            f"cue_figure needs as many cue arrays as images (at least one), got {len(images)} "
+            f"images and {len(cues_list)} cue arrays"
+        )
+    palette = VOC_PALETTE if palette is None else np.asarray(palette)
+    columns = ["Image", "Background cues", "Foreground cues"]
+    h, w = np.asarray(images[0]).shape[:2]
+    fig = Figure(
+        figsize=(cell_inches * len(columns), cell_inches * h / w * len(images) + 0.6),
+        layout="constrained",
+    )
+    axes = fig.subplots(len(images), len(columns), squeeze=False)
+    seen: set[int] = set()
+    for i, (image, cues) in enumerate(zip(images, cues_list, strict=True)):
+        image = _as_rgb(image)
+        cues = np.asarray(cues, dtype=bool)
+        if cues.ndim != 3 or cues.shape[0] < 1 or cues.shape[0] > len(palette):
+            raise ValueError(
+                f"row {i}: cues must be (num_classes, gh, gw) with num_classes <= "
+                f"{len(palette)}, got shape {cues.shape}"
+            )
+        pixels = _cells_to_pixels(cues, image.shape[:2])
+        base = image.astype(np.float32)
+        bg = base.copy()
+        bg[pixels[0]] = (1 - alpha) * bg[pixels[0]] + alpha * _BG_CUE_RGB
+        fg_pixels = pixels[1:].astype(np.float32)  # (C-1, H, W)
+        count = fg_pixels.sum(axis=0)
+        colour = np.einsum("chw,ck->hwk", fg_pixels, palette[1 : len(cues)].astype(np.float32))
+        has = count > 0
+        fg = base.copy()
+        fg[has] = (1 - alpha) * fg[has] + alpha * colour[has] / count[has][:, None]
+        seen.update(int(c) + 1 for c in np.flatnonzero(cues[1:].any(axis=(1, 2))))
+        for j, panel in enumerate((image, bg.astype(np.uint8), fg.astype(np.uint8))):
+            ax = axes[i, j]
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(columns[j], fontsize=9)
+            ax.imshow(panel, interpolation="nearest")
+    handles = [Patch(color=_BG_CUE_RGB / 255.0, label="background cue")]
+    handles += [
+        Patch(color=palette[c] / 255.0, label=class_names[c] if c < len(class_names) else str(c))
+        for c in sorted(seen)
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8))
+    if title:
+        fig.suptitle(title)
+    return _save_atomic(fig, out_path, dpi)

@@ -8,13 +8,22 @@ pulled towards the pair offsets inside objects and to zero inside the background
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from src.models.backbone import ResNetBackbone
-from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
+from src.models.optim import (
+    DEFAULT_SCHEDULER,
+    OptimizerFactory,
+    SchedulerFactory,
+    lr_groups,
+    optimizer_config,
+    sgd,
+)
 from src.postprocess.path_index import affinity_from_boundary, get_path_index
 from src.postprocess.random_walk import pseudo_label_from_rw, random_walk_batch
 
@@ -128,6 +137,12 @@ def relation_losses(
     }
 
 
+# IRNet's train_irn optimiser (irnet_momentum_quirk aside, see optim.sgd).
+DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(
+    sgd, lr=0.1, momentum=0.9, weight_decay=1e-4
+)
+
+
 class AffinityModule(L.LightningModule):
     """Trains the relation heads on IR labels; predict_step turns CAMs into pseudo-masks."""
 
@@ -135,13 +150,10 @@ class AffinityModule(L.LightningModule):
         self,
         net: AffinityNet,
         num_classes: int,
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerFactory = DEFAULT_SCHEDULER,
         radius: int = 10,
-        lr: float = 0.1,
         dp_lr_mult: float = 10.0,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        irnet_momentum_quirk: bool = False,
-        poly_power: float = 0.9,
         beta: float = 10.0,
         exp_times: int = 8,
         walk_radius: int = 5,
@@ -149,12 +161,9 @@ class AffinityModule(L.LightningModule):
         label_key: str = "ir_label",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
-
-    @property
-    def effective_momentum(self) -> float:
-        return effective_momentum(self.hparams.momentum, self.hparams.irnet_momentum_quirk)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         edge, dp = self.net(batch["image"])
@@ -206,17 +215,9 @@ class AffinityModule(L.LightningModule):
             for m in (self.net.dp_low, self.net.dp_high, self.net.dp_fuse_high, self.net.dp_out)
             for p in m.parameters()
         ]
-        groups = sgd_param_groups(
-            edge,
-            dp,
-            lr=self.hparams.lr,
-            head_lr_mult=self.hparams.dp_lr_mult,
-            weight_decay=self.hparams.weight_decay,
-        )
-        return poly_sgd(
-            groups,
-            lr=self.hparams.lr,
-            momentum=self.effective_momentum,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            power=self.hparams.poly_power,
+        return optimizer_config(
+            lr_groups(edge, dp, head_lr_mult=self.hparams.dp_lr_mult),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            int(self.trainer.estimated_stepping_batches),
         )

@@ -10,6 +10,7 @@ augmentation.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -26,7 +27,14 @@ from src.models.context import (
     own_random_stream,
     sample_in_frame,
 )
-from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
+from src.models.optim import (
+    DEFAULT_SCHEDULER,
+    OptimizerFactory,
+    SchedulerFactory,
+    lr_groups,
+    optimizer_config,
+    sgd,
+)
 
 INJECT_POINTS = {"layer2_in": 1, "layer3_in": 2, "layer4_in": 3, "layer4_out": 4}
 POST_CONCAT_CONVS = {"none": 0, "1x1": 1, "3x3": 3}
@@ -328,29 +336,33 @@ def keep_and_normalise(
 CONTEXT_KEYS = ("context_mask", "frame")
 
 
+# IRNet's train_cam optimiser (irnet_momentum_quirk aside, see optim.sgd).
+DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(
+    sgd, lr=0.1, momentum=0.9, weight_decay=1e-4
+)
+
+
 class CAMClassifier(L.LightningModule):
-    """Multi-label classifier trained with the soft-margin loss; predict_step makes CAMs."""
+    """Multi-label classifier trained with the soft-margin loss; predict_step makes CAMs.
+
+    ``optimizer`` / ``scheduler``: factories (the recipe's ``_partial_`` configs, see optim.py);
+    the freshly initialised head learns at ``head_lr_mult`` times the optimiser's lr."""
 
     def __init__(
         self,
         net: CAMNet,
-        lr: float = 0.1,
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerFactory = DEFAULT_SCHEDULER,
         head_lr_mult: float = 10.0,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        irnet_momentum_quirk: bool = False,
-        poly_power: float = 0.9,
         scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
         flip: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        # Factories stay out of the hyperparameters: checkpoints hold plain values only.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_map = MultilabelAveragePrecision(num_labels=net.num_classes, average="macro")
-
-    @property
-    def effective_momentum(self) -> float:
-        return effective_momentum(self.hparams.momentum, self.hparams.irnet_momentum_quirk)
 
     def forward(
         self,
@@ -417,18 +429,15 @@ class CAMClassifier(L.LightningModule):
     def configure_optimizers(self):
         # W1/W2 (and a post-concat conv) are freshly initialised like the classifier, so they
         # join IRNet's 10x head group; widened backbone convs stay in the backbone group.
-        groups = sgd_param_groups(
+        groups = lr_groups(
             [p for p in self.net.backbone.parameters() if p.requires_grad],
             self.net.head_parameters(),
-            lr=self.hparams.lr,
             head_lr_mult=self.hparams.head_lr_mult,
-            weight_decay=self.hparams.weight_decay,
             head_no_decay=self.net.head_parameters_without_decay(),
         )
-        return poly_sgd(
+        return optimizer_config(
             groups,
-            lr=self.hparams.lr,
-            momentum=self.effective_momentum,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            power=self.hparams.poly_power,
+            self.optimizer_factory,
+            self.scheduler_factory,
+            int(self.trainer.estimated_stepping_batches),
         )

@@ -8,6 +8,7 @@ prediction use the max only.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from torch import nn
 
 from src.evaluation.metrics import SegmentationMetric
 from src.models.backbone import ResNetBackbone
-from src.models.optim import poly_sgd
+from src.models.optim import OptimizerFactory, PolyLR, SchedulerFactory, optimizer_config, sgd
 from src.utils.io import atomic_torch_save
 from src.utils.untrusted import (
     Source,
@@ -176,6 +177,13 @@ def balanced_class_weights(pixel_counts: Sequence[int], mode: str = "inverse_sqr
     return weight.float()
 
 
+# deeplab-pytorch's solver: lr 2.5e-4, poly 0.9 recomputed every 10 iterations.
+DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(
+    sgd, lr=2.5e-4, momentum=0.9, weight_decay=5e-4
+)
+DEFAULT_SCHEDULER: SchedulerFactory = functools.partial(PolyLR, power=0.9, every=10)
+
+
 class SegmenterModule(L.LightningModule):
     """DeepLab-v2 training on `batch[label_key]` (pseudo-masks, or `mask` for the supervised
     bound); validation always against the ground truth `mask`; predict_step gives label maps."""
@@ -184,11 +192,8 @@ class SegmenterModule(L.LightningModule):
         self,
         net: DeepLabV2,
         num_classes: int,
-        lr: float = 2.5e-4,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        poly_power: float = 0.9,
-        poly_every: int = 1,
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerFactory = DEFAULT_SCHEDULER,
         aspp_weight_lr_mult: float = 10.0,
         aspp_bias_lr_mult: float = 20.0,
         scales: Sequence[float] = (1.0, 0.75, 0.5),
@@ -198,8 +203,9 @@ class SegmenterModule(L.LightningModule):
         total_steps: int | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "class_weight"])
+        self.save_hyperparameters(ignore=["net", "class_weight", "optimizer", "scheduler"])
         self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # A buffer: moves with the module, saved in Lightning's checkpoint for an honest resume.
         weight = torch.ones(num_classes) if class_weight is None else torch.as_tensor(class_weight)
         self.register_buffer("class_weight", weight.float(), persistent=True)
@@ -264,25 +270,19 @@ class SegmenterModule(L.LightningModule):
         aspp_w = [m.weight for m in self.net.aspp.branches]
         aspp_b = [m.bias for m in self.net.aspp.branches]
         groups = [
-            {"params": backbone, "lr": hp.lr, "weight_decay": hp.weight_decay},
-            {
-                "params": aspp_w,
-                "lr": hp.lr * hp.aspp_weight_lr_mult,
-                "weight_decay": hp.weight_decay,
-            },
-            {"params": aspp_b, "lr": hp.lr * hp.aspp_bias_lr_mult, "weight_decay": 0.0},
+            {"params": backbone, "lr_mult": 1.0},
+            {"params": aspp_w, "lr_mult": hp.aspp_weight_lr_mult},
+            {"params": aspp_b, "lr_mult": hp.aspp_bias_lr_mult, "weight_decay": 0.0},
         ]
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
-        return poly_sgd(
+        return optimizer_config(
             self.param_groups(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
+            self.optimizer_factory,
+            self.scheduler_factory,
             # The stage's step budget (callbacks/step_budget.py): its fit is epoch-based.
-            total_steps=int(self.hparams.total_steps or self.trainer.estimated_stepping_batches),
-            power=self.hparams.poly_power,
-            every=self.hparams.poly_every,
+            int(self.hparams.total_steps or self.trainer.estimated_stepping_batches),
         )
 
 

@@ -20,6 +20,7 @@ DeepLab), and the head widths follow its stage widths.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import lightning as L
@@ -29,7 +30,14 @@ from torch import nn
 
 from src.models.affinity import affinity_labels
 from src.models.backbone import ResNetBackbone
-from src.models.optim import effective_momentum, poly_sgd, sgd_param_groups
+from src.models.optim import (
+    DEFAULT_SCHEDULER,
+    OptimizerFactory,
+    SchedulerFactory,
+    lr_groups,
+    optimizer_config,
+    sgd,
+)
 from src.postprocess.path_index import get_path_index
 from src.postprocess.psa_labels import pair_inside, psa_label_from_rw, random_walk_affinity_batch
 
@@ -113,6 +121,12 @@ def psa_losses(
     return {"loss": bg / 4 + fg / 4 + ng / 2, "bg_pos": bg, "fg_pos": fg, "neg": ng}
 
 
+# PSA's train_aff optimiser (its PolyOptimizer has IRNet's momentum quirk: see optim.sgd).
+DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(
+    sgd, lr=0.1, momentum=0.9, weight_decay=5e-4
+)
+
+
 class PSAAffinityModule(L.LightningModule):
     """Trains PSAAffinityNet on the CRF labels; predict_step walks the CAMs into pseudo-masks."""
 
@@ -120,26 +134,19 @@ class PSAAffinityModule(L.LightningModule):
         self,
         net: PSAAffinityNet,
         num_classes: int,
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerFactory = DEFAULT_SCHEDULER,
         radius: int = 5,
-        lr: float = 0.1,
         head_lr_mult: float = 10.0,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        momentum_quirk: bool = False,
-        poly_power: float = 0.9,
         beta: float = 8,
         logt: int = 8,
         bg_alpha: float = 16,
         label_key: str = "ir_label",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
-
-    @property
-    def effective_momentum(self) -> float:
-        # PSA's PolyOptimizer has IRNet's positional-argument bug (psa #28, see optim.py).
-        return effective_momentum(self.hparams.momentum, self.hparams.momentum_quirk)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         f = self.net(batch["image"])
@@ -190,17 +197,14 @@ class PSAAffinityModule(L.LightningModule):
 
     def configure_optimizers(self):
         heads = [p for m in self.net.heads() for p in m.parameters()]
-        groups = sgd_param_groups(
+        groups = lr_groups(
             [p for p in self.net.backbone.parameters() if p.requires_grad],
             heads,
-            lr=self.hparams.lr,
             head_lr_mult=self.hparams.head_lr_mult,
-            weight_decay=self.hparams.weight_decay,
         )
-        return poly_sgd(
+        return optimizer_config(
             groups,
-            lr=self.hparams.lr,
-            momentum=self.effective_momentum,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            power=self.hparams.poly_power,
+            self.optimizer_factory,
+            self.scheduler_factory,
+            int(self.trainer.estimated_stepping_batches),
         )

@@ -249,7 +249,7 @@ class SEAMClassifier(CAMClassifier):
         if not 0 < rescale < 1 or not 0 < ecr_top <= 1:
             raise ValueError(f"rescale={rescale} and ecr_top={ecr_top} must lie in (0, 1)")
         super().__init__(net, **kwargs)
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
 
     def seam_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams

@@ -83,6 +83,8 @@ ROLES = {
     "cams": "CAMs of the training images (cams/<id>.npz: keys, cam at stride 4, high_res)",
     "affinity_labels": "confident fg/bg/unsure labels for the affinity net (<dir>/<id>.png)",
     "affinity": "the trained affinity network",
+    "cues": "SEC/DSRG localization cues on the seeded net's output grid (cues/<id>.npz)",
+    "seeded_net": "the trained SEC or DSRG network (seeded_net.pt)",
     "pseudo_masks": "pseudo-masks of the training images (masks/<id>.png, 255 = unsure)",
     "segmenter": "the trained segmentation network (segmenter.pt)",
     "segmentation": "the segmenter's val predictions (masks/ and logits/)",

@@ -1,22 +1,28 @@
 """The one dense-CRF wrapper (pydensecrf) used by every stage, plus a process pool for it.
 
-Two parameter sets are in use:
+The parameter sets in use:
 
 * :data:`IRNET_LABEL_CRF` — IRNet ``imutils.crf_inference_label``: unary from a hard label
   map (``unary_from_labels``, gt_prob 0.7, zero_unsure False), used for IR labels.
 * :data:`DEEPLAB_CRF` — deeplab-pytorch ``DenseCRF``: unary from softmax probabilities,
   used to refine segmenter outputs.
+* :data:`SEC_TRAIN_CRF` / :data:`SEC_TEST_CRF` — SEC's ``krahenbuhl2013.CRF`` at
+  ``scale_factor`` 12 (the constrain-to-boundary target on the 41x41 grid, also DSRG's) and 1
+  (full-resolution test-time refinement); the unary is a given energy
+  (:func:`crf_from_unary`).
 
 pydensecrf is CPU-only and single-threaded, so throughput comes from :func:`run_parallel`.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
-from collections.abc import Callable, Iterable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, TypeVar
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -26,9 +32,41 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _real(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _crf_field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one CRFParams field's value, or None.
+
+    pydensecrf takes any number without complaint: a zero or negative bandwidth divides the
+    features by it (inf / NaN kernels), a negative compat turns the Potts penalty into a reward,
+    and a float or zero iteration count fails or silently does nothing."""
+    if name == "iterations":
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            return "must be an int >= 1 (mean-field iterations)"
+    elif name.endswith(("_sxy", "_srgb")):
+        if not _real(value) or not math.isfinite(value) or value <= 0:
+            return "must be a finite number > 0 (a kernel bandwidth)"
+    elif name.endswith("_compat"):
+        if not _real(value) or not math.isfinite(value) or value < 0:
+            return "must be a finite number >= 0 (a Potts weight)"
+    elif name == "gt_prob" and (not _real(value) or not 0 < value < 1):
+        return "must be in (0, 1)"
+    return None
+
+
 @dataclass(frozen=True)
 class CRFParams:
-    """Mean-field iterations and pairwise kernels; ``gt_prob`` only matters for label unaries."""
+    """Mean-field iterations and pairwise kernels; ``gt_prob`` only matters for label unaries.
+
+    Every value is checked on construction (ValueError naming the field and the value); build
+    from a config block with :meth:`from_config`, whose errors also name the block."""
 
     iterations: int
     gaussian_sxy: float
@@ -39,10 +77,42 @@ class CRFParams:
     gt_prob: float = 0.7
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if not 0 < self.gt_prob < 1:
-            raise ValueError(f"gt_prob must be in (0, 1), got {self.gt_prob}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            problem = _crf_field_problem(f.name, value)
+            if problem:
+                raise ValueError(f"{f.name}={_show(value)}: {problem}")
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any] | None, where: str) -> CRFParams:
+        """CRFParams from a config block (a dict or DictConfig) found at ``where`` (e.g.
+        "seeded.test_crf"); unknown, missing and bad keys raise ValueError("{where}.{key}...")."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(block, Mapping):
+            raise ValueError(
+                f"{where} must be a mapping of CRF parameters {names}, got {_show(block)}"
+            )
+        given = [str(k) for k in block]
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise ValueError(
+                f"{where}.{unknown[0]}: unknown CRF parameter(s) {unknown}; "
+                f"{where} takes {names}. Fix: remove or rename it in the config."
+            )
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in given]
+        if missing:
+            raise ValueError(
+                f"{where}.{missing[0]} is not set (missing: {missing}). Fix: set it in {where}."
+            )
+        values = {k: block[k] for k in given}
+        for name, value in values.items():
+            problem = _crf_field_problem(name, value)
+            if problem:
+                raise ValueError(
+                    f"{where}.{name}={_show(value)}: {problem}. Fix: set it in {where}."
+                )
+        return cls(**values)
 
 
 IRNET_LABEL_CRF = CRFParams(
@@ -61,6 +131,26 @@ DEEPLAB_CRF = CRFParams(
     bilateral_sxy=67,
     bilateral_srgb=3,
     bilateral_compat=4,
+)
+
+# SEC's CRF wrapper: bilateral w 10, theta_xy 80/scale, theta_rgb 13; Gaussian w 3, theta_xy
+# 3/scale; 10 mean-field iterations. Training runs it at scale 12 on the stride-8 grid (41x41 for
+# a 321 input), so the spatial bandwidths shrink with the grid; testing at scale 1.
+SEC_TRAIN_CRF = CRFParams(
+    iterations=10,
+    gaussian_sxy=3 / 12,
+    gaussian_compat=3,
+    bilateral_sxy=80 / 12,
+    bilateral_srgb=13,
+    bilateral_compat=10,
+)
+SEC_TEST_CRF = CRFParams(
+    iterations=10,
+    gaussian_sxy=3,
+    gaussian_compat=3,
+    bilateral_sxy=80,
+    bilateral_srgb=13,
+    bilateral_compat=10,
 )
 
 
@@ -144,6 +234,28 @@ def crf_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = DEEPLAB_
         raise ValueError(f"probs must be non-negative (softmax output), min is {probs.min()}")
     unary = unary_from_softmax(probs.astype(np.float32))
     return _inference(image, unary, probs.shape[0], params)
+
+
+def crf_from_unary(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:
+    """Mean-field inference from a given unary *energy* (C, H, W); returns float32 Q (C, H, W).
+
+    For callers whose energy is not a clipped softmax (SEC's CRF layer takes −logit, i.e.
+    −log softmax up to a per-pixel constant). Lower energy = more likely; the result sums to 1
+    over C at each pixel. ``image``: uint8 (H, W, 3) RGB at the unary's resolution.
+    """
+    image = _check_image(image)
+    unary = np.asarray(unary)
+    if unary.ndim != 3 or unary.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"unary must be (C, H, W) with H, W = {image.shape[:2]}, got {unary.shape}"
+        )
+    if unary.shape[0] < 1:
+        raise ValueError("unary has no classes (C = 0)")
+    if not np.issubdtype(unary.dtype, np.floating):
+        raise TypeError(f"unary must be floating point, got {unary.dtype}")
+    if not np.isfinite(unary).all():
+        raise ValueError("unary contains NaN or inf (clip probabilities before taking −log)")
+    return _inference(image, unary.reshape(unary.shape[0], -1), unary.shape[0], params)
 
 
 def crf_refine_logits(image: np.ndarray, logits, params: CRFParams = DEEPLAB_CRF) -> np.ndarray:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.evaluation.figures import colorize, curve_plot, overlay_grid, voc_palette
+from src.evaluation.figures import (
+    _cells_to_pixels,
+    colorize,
+    cue_figure,
+    curve_plot,
+    overlay_grid,
+    voc_palette,
+)
 
 
 def test_voc_palette_and_colorize():
@@ -64,3 +71,32 @@ def test_curve_plot_writes_png(tmp_path):
     )
     with Image.open(out) as im:
         assert im.size == (640, 400)
+
+
+def test_cue_figure_writes_png_with_cells_as_blocks(tmp_path):
+    rng = np.random.default_rng(0)
+    h, w, grid = 40, 60, (4, 6)
+    cues = np.zeros((21, *grid), bool)
+    cues[0, 3, :] = True  # background: the bottom row of cells
+    cues[15, 1, 2] = cues[15, 1, 3] = True  # person
+    cues[12, 1, 3] = True  # dog shares a cell with the person
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8), np.zeros((h, w, 3), np.uint8)]
+    empty = np.zeros((21, *grid), bool)
+    out = cue_figure(images, [cues, empty], [f"c{i}" for i in range(21)], tmp_path / "cues.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["cues.png"]  # atomic: no temp file left
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        im.verify()
+    with Image.open(out) as im:
+        width, height = im.size
+    assert width == pytest.approx(3 * 2.5 * 100, rel=0.05)  # image | background | foreground
+    assert height == pytest.approx((2 * 2.5 * h / w + 0.6) * 100, rel=0.05)
+    # each cell becomes the block of pixels it covers (the grid spans the whole image)
+    pixels = _cells_to_pixels(cues, (h, w))
+    assert pixels.shape == (21, h, w)
+    assert pixels[0, 30:].all() and not pixels[0, :30].any()
+    assert pixels[12, 10:20, 30:40].all() and pixels[12].sum() == 100
+    with pytest.raises(ValueError, match="as many"):
+        cue_figure(images, [cues], ["bg"], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="row 0"):
+        cue_figure(images[:1], [cues[0]], ["bg"], tmp_path / "x.png")

@@ -1,3 +1,4 @@
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ from src.models.cam import (
     multiscale_cams,
 )
 from src.models.context import ContextModule
+from src.models.optim import PolyLR, momentum_of, sgd
 
 CTX = (8, 8)  # canonical context size
 
@@ -192,7 +194,7 @@ def test_keep_and_normalise_keeps_gt_classes_with_unit_max():
 
 def test_training_step_decreases_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    module = CAMClassifier(tiny_net(), lr=0.05, head_lr_mult=10, momentum=0.9)
+    module = CAMClassifier(tiny_net())
     batch = {
         "image": torch.randn(4, 3, 64, 64),
         "label": torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]] * 2),
@@ -221,7 +223,7 @@ def context_batch(batch=4, size=64):
 
 def test_context_classifier_trains_w1_w2_and_needs_its_batch_keys():
     torch.manual_seed(0)
-    module = CAMClassifier(tiny_net(context=True), lr=0.05)
+    module = CAMClassifier(tiny_net(context=True))
     batch = context_batch()
     loss, logits = module._loss(batch)
     loss.backward()
@@ -238,7 +240,7 @@ def test_context_classifier_trains_w1_w2_and_needs_its_batch_keys():
 
 
 def test_context_parameters_are_in_the_head_group():
-    module = CAMClassifier(tiny_net(context=True), lr=0.1, head_lr_mult=10)
+    module = CAMClassifier(tiny_net(context=True), head_lr_mult=10)
     module.trainer = SimpleNamespace(estimated_stepping_batches=10)
     groups = module.configure_optimizers()["optimizer"].param_groups
     head = next(g for g in groups if g["lr"] == pytest.approx(1.0))
@@ -271,9 +273,23 @@ def test_context_predict_step():
         module.predict_step(batch, 0)
 
 
-def test_momentum_quirk_is_explicit():
-    assert CAMClassifier(tiny_net(), irnet_momentum_quirk=True).effective_momentum == 1e-4
-    assert CAMClassifier(tiny_net(), momentum=0.9).effective_momentum == 0.9
+def test_optimizer_and_schedule_come_from_their_factories():
+    quirk = partial(sgd, lr=0.2, momentum=0.9, weight_decay=1e-4, irnet_momentum_quirk=True)
+    module = CAMClassifier(tiny_net(), optimizer=quirk, scheduler=partial(PolyLR, power=1.0))
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert momentum_of([opt]) == 1e-4  # IRNet's PolyOptimizer quirk, whatever momentum says
+    assert [g["lr"] for g in opt.param_groups] == [0.2, pytest.approx(2.0)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 1e-4]
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1), pytest.approx(1.0)]
+    assert "optimizer" not in module.hparams  # checkpoints keep plain values only
+    real = CAMClassifier(tiny_net(), optimizer=partial(sgd, lr=0.1, momentum=0.9))
+    real.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    assert momentum_of([real.configure_optimizers()["optimizer"]]) == 0.9
 
 
 def test_predict_step_writes_float16_cams_for_gt_classes_only():

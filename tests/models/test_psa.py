@@ -1,4 +1,5 @@
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 from src.models.affinity import affinity_labels
 from src.models.backbone import ResNetBackbone
+from src.models.optim import sgd
 from src.models.psa import (
     PSAAffinityModule,
     PSAAffinityNet,
@@ -108,7 +110,11 @@ def test_training_lowers_the_loss():
 
 
 def test_optimiser_puts_the_head_at_10x():
-    module = PSAAffinityModule(tiny_psa(), num_classes=3, lr=0.1, momentum_quirk=True)
+    module = PSAAffinityModule(
+        tiny_psa(),
+        num_classes=3,
+        optimizer=partial(sgd, lr=0.1, momentum=0.9, irnet_momentum_quirk=True),
+    )
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)
     opt = module.configure_optimizers()["optimizer"]
     assert [g["lr"] for g in opt.param_groups] == [0.1, pytest.approx(1.0)]

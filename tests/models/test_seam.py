@@ -1,3 +1,4 @@
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,7 @@ from src.datamodules.transforms import frame_grid
 from src.models.backbone import ResNetBackbone
 from src.models.cam import CAMNet, multiscale_cams
 from src.models.context import ContextModule
+from src.models.optim import sgd
 from src.models.seam import (
     SEAMClassifier,
     SEAMNet,
@@ -368,7 +370,9 @@ def test_context_training_step_reaches_w1_w2_and_pcm():
 
 
 def test_pcm_parameters_are_in_the_head_group_and_hparams_are_saved():
-    module = SEAMClassifier(seam_net(context=True), lr=0.1, head_lr_mult=10, ecr_top=0.3)
+    module = SEAMClassifier(
+        seam_net(context=True), optimizer=partial(sgd, lr=0.1), head_lr_mult=10, ecr_top=0.3
+    )
     pcm = [*module.net.pcm_convs.parameters(), *module.net.pcm_proj.parameters()]
     head_ids = set(map(id, module.net.head_parameters()))
     assert all(id(p) in head_ids for p in pcm)
@@ -379,7 +383,7 @@ def test_pcm_parameters_are_in_the_head_group_and_hparams_are_saved():
     all_ids = {id(p) for g in groups for p in g["params"]}
     assert all_ids == {id(p) for p in module.parameters() if p.requires_grad}
     hp = module.hparams
-    assert (hp.lr, hp.ecr_top, hp.rescale, hp.er_weight) == (0.1, 0.3, 0.3, 1.0)
+    assert (hp.head_lr_mult, hp.ecr_top, hp.rescale, hp.er_weight) == (10, 0.3, 0.3, 1.0)
 
 
 def test_predict_and_validation_are_inherited():

@@ -29,7 +29,10 @@ ALL = set(STAGES)
 # Sets name the stages of every method; a plan holds one method's (expected() keeps those).
 AFFINITY_TRAINING = {"train_affinity", "train_psa_affinity"}
 WALK = {"make_pseudo_masks", "make_psa_pseudo_masks"}
+SEEDED = {"make_cues", "train_seeded", "make_seeded_masks"}  # SEC / DSRG
+SEEDED_NET = {"train_seeded", "make_seeded_masks"}
 TORCH = {
+    *SEEDED,
     "train_cam",
     "make_cams",
     *AFFINITY_TRAINING,
@@ -39,6 +42,7 @@ TORCH = {
     "confounders",
 }
 READS_TRAIN = {
+    *SEEDED,
     "train_cam",
     "make_cams",
     "make_ir_labels",
@@ -49,7 +53,7 @@ READS_TRAIN = {
     "confounders",
 }
 SCORING = {"eval_cams", "eval_pseudo", "eval_segmenter", "crf_segmenter"}
-CAM_NET = {"train_cam", "make_cams", *AFFINITY_TRAINING, *WALK}
+CAM_NET = {"train_cam", "make_cams", *AFFINITY_TRAINING, *WALK, *SEEDED}
 SEGMENTER_NET = {"train_segmenter", "predict_segmenter", "confounders"}
 NOTHING: set[str] = set()
 # CONTA classifier settings: from round 1 on only (round 0 is the shared plain baseline).
@@ -87,7 +91,7 @@ TABLE: list[tuple] = [
     ("trainer.num_sanity_val_steps", NOTHING),
     ("trainer.precision", TORCH),
     ("figure_images", SCORING),
-    ("data.name", {"confounders"}),
+    ("data.name", {"confounders", "make_cues"}),  # recorded in the files, checked when read
     ("data.format", ALL),
     ("data.on_empty_label", ALL),
     ("data.num_classes", ALL),
@@ -99,7 +103,7 @@ TABLE: list[tuple] = [
     ("data.std", TORCH),
     ("backbone.*", CAM_NET),
     ("cam.inference.*", {"make_cams"}),
-    ("cam.net.*", {"train_cam", "make_cams"}),
+    ("cam.net.*", {"train_cam", "make_cams", "make_cues"}),
     ("cam.module._target_", {"train_cam", "make_cams"}),
     ("cam.eval.*", {"eval_cams"}),
     ("cam.*", {"train_cam"}),
@@ -107,9 +111,9 @@ TABLE: list[tuple] = [
     ("affinity.psa_label.*", {"make_psa_labels"}),
     ("affinity.backbone_init", AFFINITY_TRAINING | WALK),
     ("affinity.backbone.*", AFFINITY_TRAINING | WALK),  # PSA's net (merged over `backbone`)
-    ("affinity.widths", AFFINITY_TRAINING | WALK),
-    ("affinity.edge_width", AFFINITY_TRAINING | WALK),
-    ("affinity.dp_width", AFFINITY_TRAINING | WALK),
+    ("affinity.net.*", AFFINITY_TRAINING | WALK),
+    ("affinity.module._target_", AFFINITY_TRAINING | WALK),
+    ("affinity.module._partial_", AFFINITY_TRAINING | WALK),
     ("affinity.module.radius", AFFINITY_TRAINING | WALK),
     ("affinity.module.beta", WALK),
     ("affinity.module.exp_times", WALK),
@@ -118,6 +122,19 @@ TABLE: list[tuple] = [
     ("affinity.module.logt", WALK),
     ("affinity.module.bg_alpha", WALK),
     ("affinity.*", AFFINITY_TRAINING),
+    ("seeded.cues.*", {"make_cues"}),
+    ("seeded.input_size", SEEDED),
+    ("seeded.backbone", SEEDED_NET),  # the CPU recipe's "${backbone}"
+    ("seeded.backbone.*", SEEDED_NET),
+    ("seeded.backbone_init", SEEDED_NET),
+    ("seeded.net.*", SEEDED_NET),
+    ("seeded.module._target_", SEEDED_NET),
+    ("seeded.module._partial_", {"train_seeded"}),
+    ("seeded.test_crf.*", {"make_seeded_masks"}),
+    ("seeded.inference_batch_size", NOTHING),
+    ("seeded.train_crf_workers", NOTHING),
+    ("seeded.crf_workers", NOTHING),
+    ("seeded.*", {"train_seeded"}),
     ("segmenter.backbone.*", SEGMENTER_NET),
     ("segmenter.rates", SEGMENTER_NET),
     ("segmenter.module.scales", SEGMENTER_NET),
@@ -132,9 +149,9 @@ TABLE: list[tuple] = [
     ("conta.m_source", {"confounders"}),
     ("conta.diagnostic_images", {"train_cam"}, LATER),
     ("conta.figure_images", {"make_cams"}, LATER),
-    ("conta.*", {"train_cam", "make_cams"}, LATER),
+    ("conta.*", {"train_cam", "make_cams", "make_cues"}, LATER),
 ]
-ALSO_LATER = {"conta.context": {"train_cam", "make_cams"}}
+ALSO_LATER = {"conta.context": {"train_cam", "make_cams", "make_cues"}}
 # The plan's shape, not a setting of a stage: checked by the driver's own tests (method.stages
 # and conta.enabled make `stages`, conta.rounds makes `round`, the suffix names the run).
 STRUCTURE = {
@@ -189,7 +206,8 @@ def expected(key: str, rounds: int, plan) -> set[tuple[int, str]]:
     direct, later_only = classify(key)
     direct = set(direct) & set(plan.names)
     hit = {(r, s) for r in range(rounds) for s in direct if r > 0 or not later_only}
-    hit |= {(r, s) for r in range(1, rounds) for s in ALSO_LATER.get(key, ())}
+    later = set(ALSO_LATER.get(key, ())) & set(plan.names)
+    hit |= {(r, s) for r in range(1, rounds) for s in later}
     # Everything that reads a changed stage changes with it.
     grew = True
     while grew:
@@ -216,8 +234,18 @@ def digests(cfg, stages):
         ["experiment=coco_conta", "round=1", "trainer=ddp"],
         ["experiment=synth_seam_conta"],
         ["experiment=voc_seam_conta", "round=1"],
+        ["method=sec"],
+        ["method=dsrg", "data=voc", "scale=paper", "round=1"],
     ],
-    ids=["synth_conta", "voc_conta", "coco_conta_ddp", "synth_seam_conta", "voc_seam_conta"],
+    ids=[
+        "synth_conta",
+        "voc_conta",
+        "coco_conta_ddp",
+        "synth_seam_conta",
+        "voc_seam_conta",
+        "synth_sec_conta",
+        "voc_dsrg_conta",
+    ],
 )
 def test_each_leaf_redoes_exactly_the_stages_it_can_change(overrides):
     cfg = compose_cfg(overrides)

@@ -41,6 +41,15 @@ FAST_PSEUDO_MASKS = {
         "affinity.psa_label.workers=1",
         "affinity.module.radius=3",  # the 64 px test images give an 8 x 8 grid at stride 8
     ],
+    **{
+        method: [
+            "seeded.input_size=64",  # the test images' size: an 8 x 8 cue grid
+            "seeded.max_steps=4",
+            "seeded.batch_size=8",
+            "seeded.inference_batch_size=8",
+        ]
+        for method in ("sec", "dsrg")
+    },
 }
 METHODS = sorted(FAST_PSEUDO_MASKS)
 

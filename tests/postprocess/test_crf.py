@@ -1,7 +1,9 @@
 import dataclasses
+import re
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from src.postprocess.crf import (
     DEEPLAB_CRF,
@@ -12,6 +14,7 @@ from src.postprocess.crf import (
     make_ir_label,
     run_parallel,
 )
+from tests.conftest import compose_cfg
 
 
 def _striped_image(h=32, w=36, bounds=(12, 24), seed=0):
@@ -151,3 +154,70 @@ def test_bad_inputs_raise_clear_errors():
         make_ir_label(image, probs, [0, 1])
     with pytest.raises(ValueError, match="cams must be"):
         make_ir_label(image, probs[:, :, :-1], [1, 2])
+
+
+GOOD_BLOCK = {
+    "iterations": 10,
+    "gaussian_sxy": 3,
+    "gaussian_compat": 3,
+    "bilateral_sxy": 80,
+    "bilateral_srgb": 13,
+    "bilateral_compat": 10,
+}
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("iterations", 0, "int >= 1"),
+        ("iterations", 2.5, "int >= 1"),
+        ("iterations", True, "int >= 1"),
+        ("gaussian_sxy", 0, "> 0"),
+        ("bilateral_sxy", -80, "> 0"),
+        ("bilateral_srgb", float("inf"), "finite"),
+        ("bilateral_srgb", float("nan"), "finite"),
+        ("gaussian_compat", -1, ">= 0"),
+        ("bilateral_compat", float("nan"), "finite"),
+        ("bilateral_compat", "10", "finite"),
+        ("gt_prob", 0.0, r"\(0, 1\)"),
+    ],
+)
+def test_bad_crf_values_name_the_field_and_the_value(field, value, problem):
+    shown = re.escape(repr(value) if isinstance(value, str) else str(value))
+    with pytest.raises(ValueError, match=rf"^{field}={shown}: .*{problem}"):
+        CRFParams(**{**GOOD_BLOCK, field: value})
+    with pytest.raises(ValueError, match=rf"^seeded\.test_crf\.{field}={shown}: .*{problem}"):
+        CRFParams.from_config({**GOOD_BLOCK, field: value}, "seeded.test_crf")
+
+
+def test_from_config_names_the_block_for_unknown_and_missing_keys():
+    assert CRFParams.from_config(GOOD_BLOCK, "seeded.test_crf") == CRFParams(**GOOD_BLOCK)
+    # a DictConfig, interpolations resolved, as the stages pass it
+    cfg = OmegaConf.create({"sxy": 67, "crf": {**GOOD_BLOCK, "bilateral_sxy": "${sxy}"}})
+    assert CRFParams.from_config(cfg.crf, "segmenter.crf").bilateral_sxy == 67
+    with pytest.raises(
+        ValueError, match=r"^segmenter\.crf\.scale_factor: unknown .*'scale_factor'"
+    ):
+        CRFParams.from_config({**GOOD_BLOCK, "scale_factor": 12}, "segmenter.crf")
+    partial_block = {k: v for k, v in GOOD_BLOCK.items() if k != "bilateral_srgb"}
+    with pytest.raises(ValueError, match=r"^affinity\.ir_label\.crf\.bilateral_srgb is not set"):
+        CRFParams.from_config(partial_block, "affinity.ir_label.crf")
+    with pytest.raises(ValueError, match=r"^seeded\.module\.crf must be a mapping"):
+        CRFParams.from_config(None, "seeded.module.crf")
+    # gt_prob has a default: a block without it is complete
+    assert CRFParams.from_config(GOOD_BLOCK, "x").gt_prob == 0.7
+
+
+def test_every_config_crf_block_builds():
+    """The shipped recipes' CRF blocks pass the stricter checks."""
+    blocks = {
+        "irnet": ["segmenter.crf", "affinity.ir_label.crf"],
+        "seam": ["affinity.psa_label.crf"],
+        "sec": ["seeded.test_crf", "seeded.module.crf"],
+        "dsrg": ["seeded.test_crf", "seeded.module.crf"],
+    }
+    for method, wheres in blocks.items():
+        for scale in ("cpu", "paper"):
+            cfg = compose_cfg([f"method={method}", f"scale={scale}"])
+            for where in wheres:
+                CRFParams.from_config(OmegaConf.select(cfg, where), where)

@@ -1,5 +1,5 @@
 """The registry of stages the driver can run: the shared ones (classifier, scoring, segmenter,
-CONTA), IRNet's and, from its own module, PSA's (method=seam)."""
+CONTA), IRNet's and, from their own modules, PSA's (method=seam) and SEC's / DSRG's (seeded.py)."""
 
 from src.pipeline.stage import Stage
 from src.pipeline.stages.cam import eval_cams, make_cams, train_cam
@@ -7,10 +7,12 @@ from src.pipeline.stages.conta import make_confounders
 from src.pipeline.stages.context import CONFOUNDER_STAGE
 from src.pipeline.stages.irnet import eval_pseudo, make_ir_labels, make_pseudo_masks, train_affinity
 from src.pipeline.stages.keys import CAM_NET as _CAM_NET
+from src.pipeline.stages.keys import CONTA_CLASSIFIER as _CONTA_CLASSIFIER
 from src.pipeline.stages.keys import NORMALISED as _NORMALISED
 from src.pipeline.stages.keys import TORCH as _TORCH
 from src.pipeline.stages.keys import TRAIN_IMAGES as _TRAIN_IMAGES
 from src.pipeline.stages.psa import PSA_STAGES
+from src.pipeline.stages.seeded import SEEDED_STAGES
 from src.pipeline.stages.segmenter import (
     crf_segmenter,
     eval_segmenter,
@@ -36,6 +38,7 @@ _CAM_TRAINING = (
     "cam.scale_range",
     "cam.resize_long",
     "cam.optimizer",
+    "cam.scheduler",
 )
 _CAM_INFERENCE = (
     *_TORCH,
@@ -56,7 +59,9 @@ _IR_LABELS = (
     "affinity.ir_label.bg_threshold",
     "affinity.ir_label.crf",
 )
-_AFFINITY_NET = (*_CAM_NET, "affinity.backbone_init", "affinity.edge_width", "affinity.dp_width")
+# The module class (and how it is built) decides training and walk alike.
+_AFFINITY_MODULE = ("affinity.module._target_", "affinity.module._partial_")
+_AFFINITY_NET = (*_CAM_NET, "affinity.backbone_init", "affinity.net", *_AFFINITY_MODULE)
 _AFFINITY_TRAINING = (
     *_TORCH,
     *_TRAIN_IMAGES,
@@ -67,12 +72,9 @@ _AFFINITY_TRAINING = (
     "affinity.batch_size",
     "affinity.max_epochs",
     "affinity.module.radius",
-    "affinity.module.lr",
     "affinity.module.dp_lr_mult",
-    "affinity.module.weight_decay",
-    "affinity.module.momentum",
-    "affinity.module.irnet_momentum_quirk",
-    "affinity.module.poly_power",
+    "affinity.optimizer",
+    "affinity.scheduler",
 )
 _RANDOM_WALK = (
     *_TORCH,
@@ -84,16 +86,6 @@ _RANDOM_WALK = (
     "affinity.module.exp_times",
     "affinity.module.walk_radius",
     "affinity.module.bg_threshold",
-)
-# Classifier settings that only exist from round 1 on (round 0 is the plain baseline).
-_CONTA_CLASSIFIER = (
-    "conta.context",
-    "conta.temperature",
-    "conta.proj_dim",
-    "conta.inject_at",
-    "conta.post_concat_conv",
-    "conta.init",
-    "conta.ablate",
 )
 _SEGMENTER_NET = (
     "data.num_classes",
@@ -118,6 +110,8 @@ _SEGMENTER_TRAINING = (
     "segmenter.crop_size",
     "segmenter.scale_choices",
     "segmenter.module",
+    "segmenter.optimizer",
+    "segmenter.scheduler",
 )
 _SEGMENTER_INFERENCE = (*_TORCH, *_NORMALISED, *_SEGMENTER_NET)
 
@@ -175,7 +169,8 @@ STAGES: dict[str, Stage] = {
             "eval_pseudo",
             eval_pseudo,
             (*_EVAL_IMAGES, "data.class_names", "figure_images"),
-            inputs=("affinity_labels", "pseudo_masks"),
+            inputs=("pseudo_masks",),
+            optional_inputs=("affinity_labels",),  # IRNet/PSA: their labels are scored too
             rank_zero_only=True,
         ),
         Stage(
@@ -226,5 +221,6 @@ STAGES: dict[str, Stage] = {
             inputs=("segmenter",),
         ),
         *PSA_STAGES,
+        *SEEDED_STAGES,
     ]
 }

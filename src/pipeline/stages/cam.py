@@ -19,6 +19,7 @@ from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
 from src.models.context import context_generator
+from src.models.optim import momentum_of
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.runtime import barrier, build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
@@ -63,7 +64,7 @@ def build_cam_classifier(
         context = confounders.context_module(
             cfg.conta.proj_dim, temperature=cfg.conta.temperature, generator=generator
         )
-    net = instantiate(cfg.cam.net)(
+    net = instantiate(cfg.cam.net, _convert_="all")(
         backbone,
         num_classes=cfg.data.num_classes - 1,
         context=context,
@@ -72,8 +73,12 @@ def build_cam_classifier(
         generator=generator,
         ablate_context=cfg.conta.ablate == "zero_m",
     )
-    module = instantiate(cfg.cam.module)(
-        net, **cfg.cam.optimizer, scales=list(cfg.cam.inference.scales), flip=cfg.cam.inference.flip
+    module = instantiate(cfg.cam.module, _convert_="all")(
+        net,
+        optimizer=instantiate(cfg.cam.optimizer),
+        scheduler=instantiate(cfg.cam.scheduler),
+        scales=list(cfg.cam.inference.scales),
+        flip=cfg.cam.inference.flip,
     )
     if not isinstance(module, CAMClassifier) or not isinstance(net, CAMNet):
         raise TypeError(
@@ -117,7 +122,7 @@ def train_cam(ctx: StageContext) -> StageResult:
     if trainer.is_global_zero:
         atomic_torch_save(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics["momentum"] = module.effective_momentum
+    metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)
     if confounders is None or not trainer.is_global_zero:
         return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])

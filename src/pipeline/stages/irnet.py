@@ -6,10 +6,11 @@ import logging
 from functools import partial
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from src.callbacks.prediction_writer import PngPredictionWriter
@@ -19,7 +20,7 @@ from src.datamodules.palette import read_label_png, save_label_png
 from src.datamodules.validation import read_rgb
 from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
-from src.models.affinity import AffinityModule, AffinityNet
+from src.models.optim import momentum_of
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
@@ -72,7 +73,7 @@ def make_ir_labels(ctx: StageContext) -> StageResult:
         _ir_label_job,
         fg=cfg.affinity.ir_label.fg_threshold,
         bg=cfg.affinity.ir_label.bg_threshold,
-        crf=CRFParams(**cfg.affinity.ir_label.crf),
+        crf=CRFParams.from_config(cfg.affinity.ir_label.crf, "affinity.ir_label.crf"),
         out_dir=out_dir,
     )
     log.info(
@@ -98,17 +99,25 @@ def label_stats(out_dir: Path, ids: list[str]) -> dict:
 
 
 # -- affinity network -----------------------------------------------------------------------
-def build_affinity_module(cfg: DictConfig, cam_train_dir: Path | None) -> AffinityModule:
-    backbone = instantiate(cfg.backbone)
-    if cfg.affinity.backbone_init == "cam":
-        # The synthetic set has no ImageNet weights to start from.
-        load_classifier_backbone(backbone, cam_train_dir, "affinity.backbone_init")
-    elif cfg.affinity.backbone_init != "pretrained":
-        raise ValueError(
-            f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam"
-        )
-    net = AffinityNet(backbone, edge_width=cfg.affinity.edge_width, dp_width=cfg.affinity.dp_width)
-    return AffinityModule(net, num_classes=cfg.data.num_classes, **cfg.affinity.module)
+def build_affinity_module(cfg: DictConfig, classifier_dir: Path | None) -> L.LightningModule:
+    """The method's affinity module from `affinity.net` / `affinity.module` / `optimizer` /
+    `scheduler` (IRNet's AffinityNet, PSA's PSAAffinityNet). The backbone is cfg.backbone with
+    `affinity.backbone` merged on top (PSA: output stride 8, frozen BN); `affinity.backbone_init`:
+    pretrained (the backbone config's weights, ImageNet as both papers) or cam (this round's
+    classifier backbone: the synthetic set has no ImageNet weights)."""
+    aff = cfg.affinity
+    overrides = OmegaConf.to_container(aff.backbone, resolve=True) if aff.get("backbone") else {}
+    backbone = instantiate(cfg.backbone, **overrides)
+    if aff.backbone_init == "cam":
+        load_classifier_backbone(backbone, classifier_dir, "affinity.backbone_init")
+    elif aff.backbone_init != "pretrained":
+        raise ValueError(f"affinity.backbone_init={aff.backbone_init!r}: use pretrained|cam")
+    return instantiate(aff.module, _convert_="all")(
+        instantiate(aff.net, _convert_="all")(backbone),
+        num_classes=cfg.data.num_classes,
+        optimizer=instantiate(aff.optimizer),
+        scheduler=instantiate(aff.scheduler),
+    )
 
 
 def label_png_loader(folder: Path, producer: str):
@@ -155,6 +164,7 @@ def fit_on_affinity_labels(ctx: StageContext, module, transform, weights_file: s
     if trainer.is_global_zero:
         atomic_torch_save(ctx.dir / weights_file, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)
     return metrics
 
@@ -260,16 +270,15 @@ def evaluate_label_dirs(
 
 def eval_pseudo(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    dirs = {
-        "IR label": ctx.inputs["affinity_labels"] / IR_LABEL_DIR,
-        "pseudo-mask": ctx.inputs["pseudo_masks"] / MASK_DIR,
-    }
+    dirs = {"pseudo-mask": ctx.inputs["pseudo_masks"] / MASK_DIR}
+    if "affinity_labels" in ctx.inputs:  # IRNet / PSA: the affinity net's labels, side by side
+        dirs = {"IR label": ctx.inputs["affinity_labels"] / IR_LABEL_DIR, **dirs}
     scores, figure = evaluate_label_dirs(
         cfg,
         cfg.data.eval_split,
         dirs,
         ctx.dir / "pseudo_masks.png",
-        title=f"round {ctx.round}: IR labels and pseudo-masks",
+        title=f"round {ctx.round}: " + " and ".join(f"{k}s" for k in dirs),
     )
     log_figure(ctx.loggers, "pseudo/overlays", figure)
     pseudo = scores["pseudo-mask"]
@@ -278,8 +287,9 @@ def eval_pseudo(ctx: StageContext) -> StageResult:
         "errors": pseudo["errors"],
         "per_class_iou": pseudo["per_class_iou"],
         **({"context_leakage": pseudo["context_leakage"]} if "context_leakage" in pseudo else {}),
-        "ir_label_miou": scores["IR label"]["miou"],
     }
+    if "IR label" in scores:
+        results["ir_label_miou"] = scores["IR label"]["miou"]
     return StageResult(
         metrics=results, artifacts=["pseudo_masks.png"], results=results, prefix="pseudo"
     )

@@ -16,3 +16,13 @@ TORCH = ("trainer.precision",)
 TRAIN_IMAGES = ("data:train_split", "data.format", "data.on_empty_label", "data.num_classes")
 NORMALISED = ("data.mean", "data.std")
 CAM_NET = ("backbone", "file:backbone.weights_path")
+# Classifier settings that only exist from round 1 on (round 0 is the plain baseline).
+CONTA_CLASSIFIER = (
+    "conta.context",
+    "conta.temperature",
+    "conta.proj_dim",
+    "conta.inject_at",
+    "conta.post_concat_conv",
+    "conta.init",
+    "conta.ablate",
+)

@@ -16,22 +16,20 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from src.callbacks.prediction_writer import PngPredictionWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
-from src.models.psa import PSAAffinityModule, PSAAffinityNet
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.runtime import barrier, build_trainer
 from src.pipeline.stage import Stage, StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone, read_weights
+from src.pipeline.stages.cam import CAM_DIR, load_cam, read_weights
 from src.pipeline.stages.irnet import (
     IR_LABEL_DIR,
     MASK_DIR,
+    build_affinity_module,
     collate_with_cams,
     fit_on_affinity_labels,
     label_stats,
@@ -85,7 +83,7 @@ def make_psa_labels(ctx: StageContext) -> StageResult:
         _psa_label_job,
         low_alpha=opts.low_alpha,
         high_alpha=opts.high_alpha,
-        crf=CRFParams(**opts.crf),
+        crf=CRFParams.from_config(opts.crf, "affinity.psa_label.crf"),
         out_dir=out_dir,
     )
     log.info("make_psa_labels: %d of %d images, %d workers", len(jobs), len(dataset), opts.workers)
@@ -96,22 +94,6 @@ def make_psa_labels(ctx: StageContext) -> StageResult:
 
 
 # -- the affinity network ---------------------------------------------------------------------
-def build_psa_module(cfg: DictConfig, classifier_dir: Path | None) -> PSAAffinityModule:
-    """cfg.backbone with `affinity.backbone` on top (PSA needs output stride 8 and frozen BN,
-    whatever the classifier uses); `affinity.backbone_init`: pretrained (ImageNet, as PSA) or
-    cam (this round's classifier backbone: the synthetic set has no ImageNet weights)."""
-    overrides = OmegaConf.to_container(cfg.affinity.backbone or {}, resolve=True)
-    backbone = instantiate(cfg.backbone, **overrides)
-    if cfg.affinity.backbone_init == "cam":
-        load_classifier_backbone(backbone, classifier_dir, "affinity.backbone_init")
-    elif cfg.affinity.backbone_init != "pretrained":
-        raise ValueError(
-            f"affinity.backbone_init={cfg.affinity.backbone_init!r}: use pretrained|cam"
-        )
-    net = PSAAffinityNet(backbone, widths=list(cfg.affinity.widths))
-    return PSAAffinityModule(net, num_classes=cfg.data.num_classes, **cfg.affinity.module)
-
-
 def train_psa_affinity(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     aff = cfg.affinity
@@ -125,9 +107,8 @@ def train_psa_affinity(ctx: StageContext) -> StageResult:
         extra_targets={"ir_label": "label"},
         **resize,
     )
-    module = build_psa_module(cfg, ctx.inputs.get("classifier"))
+    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
     metrics = fit_on_affinity_labels(ctx, module, transform, PSA_WEIGHTS)
-    metrics["momentum"] = module.effective_momentum
     return StageResult(metrics=metrics, artifacts=[PSA_WEIGHTS])
 
 
@@ -154,7 +135,7 @@ class WithWalkCams(Dataset):
 
 def make_psa_pseudo_masks(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    module = build_psa_module(cfg, ctx.inputs.get("classifier"))
+    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
     weights = ctx.inputs["affinity"] / PSA_WEIGHTS
     if not weights.is_file():
         raise MissingArtifactError(f"{weights} missing: re-run train_psa_affinity")
@@ -196,7 +177,14 @@ _PSA_LABELS = (
     "affinity.psa_label.high_alpha",
     "affinity.psa_label.crf",
 )
-_PSA_NET = (*CAM_NET, "affinity.backbone_init", "affinity.backbone", "affinity.widths")
+_PSA_NET = (
+    *CAM_NET,
+    "affinity.backbone_init",
+    "affinity.backbone",
+    "affinity.net",
+    "affinity.module._target_",
+    "affinity.module._partial_",
+)
 _PSA_TRAINING = (
     *TORCH,
     *TRAIN_IMAGES,
@@ -208,12 +196,9 @@ _PSA_TRAINING = (
     "affinity.batch_size",
     "affinity.max_epochs",
     "affinity.module.radius",
-    "affinity.module.lr",
     "affinity.module.head_lr_mult",
-    "affinity.module.weight_decay",
-    "affinity.module.momentum",
-    "affinity.module.momentum_quirk",
-    "affinity.module.poly_power",
+    "affinity.optimizer",
+    "affinity.scheduler",
 )
 _PSA_WALK = (
     *TORCH,

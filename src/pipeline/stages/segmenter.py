@@ -82,15 +82,21 @@ def build_segmenter(
     seg = cfg.segmenter
     if net is None:
         net = DeepLabV2(instantiate(seg.backbone), cfg.data.num_classes, list(seg.rates))
-    module_kwargs = OmegaConf.to_container(seg.module, resolve=True)
-    return SegmenterModule(
+    module = instantiate(seg.module, _convert_="all")(
         net,
         cfg.data.num_classes,
+        optimizer=instantiate(seg.optimizer),
+        scheduler=instantiate(seg.scheduler),
         label_key=label_key,
         class_weight=class_weight,
         total_steps=seg.max_steps,
-        **module_kwargs,
     )
+    if not isinstance(module, SegmenterModule):
+        raise TypeError(
+            f"segmenter.module built {type(module).__name__}: the segmenter stages need a "
+            "SegmenterModule (or a subclass)"
+        )
+    return module
 
 
 def label_pixel_counts(dataset, label_key: str, num_classes: int) -> np.ndarray:
@@ -262,7 +268,9 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
     """Dense CRF (deeplab-pytorch's parameters) on the saved val logits, over a process pool,
     then scored like eval_segmenter (the `seg_crf` row)."""
     cfg = ctx.cfg
-    params = CRFParams(**OmegaConf.to_container(cfg.segmenter.crf, resolve=True))
+    params = CRFParams.from_config(
+        OmegaConf.to_container(cfg.segmenter.crf, resolve=True), "segmenter.crf"
+    )
     workers = cfg.segmenter.crf_workers
     dataset = build_dataset(cfg.data, cfg.data.val_split)
     logits_dir = ctx.inputs["segmentation"] / LOGITS_DIR
