@@ -38,7 +38,7 @@ SHAPES = {
     "paper": (321, 21, lambda: VGG16Backbone(weights=None), {"hidden": 1024, "dilation": 12}),
     "synth": (
         96,
-        4,
+        7,
         lambda: ResNetBackbone(
             arch="resnet_tiny", strides=[2, 2, 1, 1], norm="train", frozen_stages=0
         ),
