@@ -23,20 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .crf import CRFParams, crf_probs
+from .crf import SEC_TEST_CRF, CRFParams, crf_probs
 from .path_index import get_path_index
 from .random_walk import flux_weights, walk
 
-# psa/tool/imutils.py crf_inference (scale_factor 1): unary -log(score), gaussian sxy 3 w 3,
-# bilateral sxy 80 srgb 13 w 10, 10 iterations. gt_prob is unused (score unaries).
-PSA_CRF = CRFParams(
-    iterations=10,
-    gaussian_sxy=3,
-    gaussian_compat=3,
-    bilateral_sxy=80,
-    bilateral_srgb=13,
-    bilateral_compat=10,
-)
+# psa/tool/imutils.py crf_inference (scale_factor 1, unary -log(score)) is SEC's CRF wrapper at
+# test time: gaussian sxy 3 w 3, bilateral sxy 80 srgb 13 w 10, 10 iterations.
+PSA_CRF = SEC_TEST_CRF
 
 
 def _keys(keys: Sequence[int] | np.ndarray, channels: int) -> np.ndarray:
