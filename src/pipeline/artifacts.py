@@ -59,7 +59,10 @@ class StageDir:
         seconds: float,
         artifacts: list[str],
         config: dict | None = None,
+        results: dict | None = None,
     ):
+        """`results`: the stage's results.json record (prefix, values, nested), kept so that
+        another run can reuse this stage (src/pipeline/reuse.py)."""
         atomic_write_json(
             self.done_file,
             {
@@ -70,6 +73,7 @@ class StageDir:
                 "metrics": metrics,
                 "seconds": round(seconds, 2),
                 "artifacts": sorted(artifacts),
+                "results": results or {},
             },
         )
 

@@ -29,6 +29,7 @@ from src.pipeline.artifacts import StageDir
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
+from src.pipeline.reuse import StageRecord, reuse_stage
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -170,6 +171,10 @@ def _run_stage(
     if reason is None and sdir.is_done(digest):
         log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
         return False
+    if reason is None and cfg.get("reuse_from"):
+        run_on_rank_zero(lambda: _reuse(cfg, sdir, digest), f"reusing {sdir.path}")
+        if sdir.is_done(digest):
+            return False
     if reason is None:
         _explain_redo(sdir, picked)
     else:
@@ -209,23 +214,15 @@ def _run_stage(
     def record(result) -> None:
         seconds = time.perf_counter() - start
         # Stages without a results row still record their seconds.
-        update_results(
-            run_dir,
-            round_idx,
-            result.prefix or stage.name,
-            result.results or {},
-            seconds={stage.name: round(seconds, 1)},
-            experiment=cfg.experiment_name,
-            seed=cfg.seed,
-            nested=result.nested,
-            identity=run_identity(cfg),
-        )
+        row = StageRecord(result.prefix or stage.name, result.results or {}, result.nested)
+        _record_results(cfg, run_dir, round_idx, stage.name, row, seconds)
         sdir.mark_done(
             digest,
             metrics=result.metrics,
             seconds=seconds,
             artifacts=result.artifacts,
             config=picked,
+            results=row.to_json(),
         )
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
 
@@ -236,6 +233,36 @@ def _run_stage(
         result = execute()
         run_on_rank_zero(lambda: record(result), what)
     return True
+
+
+def _record_results(
+    cfg: DictConfig, run_dir: Path, round_idx: int, stage: str, row: StageRecord, seconds: float
+) -> None:
+    update_results(
+        run_dir,
+        round_idx,
+        row.prefix,
+        row.values,
+        seconds={stage: round(seconds, 1)},
+        experiment=cfg.experiment_name,
+        seed=cfg.seed,
+        nested=row.nested,
+        identity=run_identity(cfg),
+    )
+
+
+def _reuse(cfg: DictConfig, sdir: StageDir, digest: str) -> None:
+    """Copy the stage from a `reuse_from` run that finished it with the same hash, and add its
+    results to this run's results.json (its seconds: the copy's, not the donor's compute)."""
+    start = time.perf_counter()
+    donor = reuse_stage(sdir, digest, [Path(p) for p in cfg.reuse_from])
+    if donor is None:
+        return
+    row = StageRecord.from_done(sdir.read_done() or {})
+    if row is None:  # the copied marker is the donor's, checked before copying
+        raise PipelineError(f"{sdir.done_file}: the copied DONE.json lost its results record")
+    _record_results(cfg, sdir.run_dir, sdir.round, sdir.stage, row, time.perf_counter() - start)
+    log.info("round %d: %s reused from %s (same hash %s)", sdir.round, sdir.stage, donor, digest)
 
 
 def _explain_redo(sdir: StageDir, config: dict) -> None:

@@ -65,6 +65,7 @@ TABLE: list[tuple] = [
     ("paths.*", NOTHING),
     ("experiment_name", NOTHING),
     ("upper_bound", NOTHING),
+    ("reuse_from*", NOTHING),
     ("logger.*", NOTHING),
     ("callbacks.*", NOTHING),
     ("trainer._target_", NOTHING),

@@ -1,0 +1,167 @@
+"""Stages copied from another run with the same hash (src/pipeline/reuse.py, `reuse_from`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from src.pipeline import reuse
+from src.pipeline.artifacts import StageDir
+from src.pipeline.reuse import REUSE_PREFIX, StageRecord, reuse_stage
+from src.pipeline.stages import STAGES
+from src.train import train
+from tests.conftest import FAST, compose_cfg
+from tests.pipeline.conftest import ROUND0
+
+BASELINE = [s for s in ROUND0 if s != "confounders"]  # conta=off's stages
+
+
+def _conta_off(finished_run, tmp_path):
+    """A conta=off run of the finished run's recipe, on its data, in another output folder."""
+    donor_cfg, _ = finished_run
+    cfg = compose_cfg(["experiment=synth_conta", "conta=off", *FAST], tmp_path)
+    with open_dict(cfg):
+        cfg.paths.data_dir = donor_cfg.paths.data_dir
+        cfg.reuse_from = [donor_cfg.paths.run_dir]
+    return cfg
+
+
+def _fail_if_run(monkeypatch, names):
+    def boom(ctx):
+        raise AssertionError(f"{ctx.name} should have been reused")
+
+    for name in names:
+        monkeypatch.setitem(STAGES, name, dataclasses.replace(STAGES[name], run=boom))
+
+
+def _without_seconds(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def test_conta_off_copies_round_0_of_the_conta_run(finished_run, tmp_path, monkeypatch):
+    _, donor_results = finished_run
+    cfg = _conta_off(finished_run, tmp_path)
+    _fail_if_run(monkeypatch, BASELINE)
+    results = train(cfg)
+    assert _without_seconds(results["rounds"]["0"]) == _without_seconds(
+        donor_results["rounds"]["0"]
+    )
+    assert results["conta"] is False and results["experiment"] == cfg.experiment_name
+    run_dir, donor_dir = Path(cfg.paths.run_dir), Path(finished_run[0].paths.run_dir)
+    for stage in BASELINE:
+        done = StageDir(run_dir, 0, stage).read_done()
+        assert done["reused_from"] == str(StageDir(donor_dir, 0, stage).path)
+        for artifact in done["artifacts"]:
+            assert (run_dir / "round_0" / stage / artifact).exists()
+    mask = sorted((run_dir / "round_0/make_pseudo_masks/masks").glob("*.png"))[0]
+    donor_mask = donor_dir / "round_0/make_pseudo_masks/masks" / mask.name
+    assert mask.stat().st_ino == donor_mask.stat().st_ino  # hard-linked, not duplicated
+    assert not list(run_dir.glob(f"round_0/{REUSE_PREFIX}*"))
+
+
+def test_a_changed_setting_computes_only_the_stages_it_affects(finished_run, tmp_path, monkeypatch):
+    cfg = _conta_off(finished_run, tmp_path)
+    with open_dict(cfg):
+        cfg.segmenter.crf.iterations = 5  # changes crf_segmenter's hash only
+    _fail_if_run(monkeypatch, [s for s in BASELINE if s != "crf_segmenter"])
+    train(cfg)
+    done = StageDir(Path(cfg.paths.run_dir), 0, "crf_segmenter").read_done()
+    assert "reused_from" not in done and done["config"]["segmenter.crf"]["iterations"] == 5
+
+
+def test_empty_reuse_from_computes_everything(finished_run, tmp_path, monkeypatch):
+    cfg = _conta_off(finished_run, tmp_path)
+    with open_dict(cfg):
+        cfg.reuse_from = []
+        cfg.stages = ["train_cam"]
+    train(cfg)
+    assert "reused_from" not in StageDir(Path(cfg.paths.run_dir), 0, "train_cam").read_done()
+
+
+# -- reuse_stage on hand-made stage folders ------------------------------------------------------
+DIGEST = "abc123"
+RECORD = StageRecord("cam", {"miou": 0.5}, False).to_json()
+
+
+def _donor(tmp_path, **done) -> StageDir:
+    sdir = StageDir(tmp_path / "donor", 0, "make_cams")
+    (sdir.path / "cams").mkdir(parents=True)
+    (sdir.path / "cams" / "a.npz").write_bytes(b"cam")
+    marker = {"stage": "make_cams", "config_hash": DIGEST, "results": RECORD, **done}
+    sdir.done_file.write_text(json.dumps(marker))
+    return sdir
+
+
+def _target(tmp_path) -> StageDir:
+    sdir = StageDir(tmp_path / "run", 0, "make_cams")
+    sdir.path.mkdir(parents=True)
+    (sdir.path / "RUNNING.json").write_text("{}")  # an unfinished attempt
+    return sdir
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        {"config_hash": "other"},  # another configuration
+        {"results": None},  # written before records existed
+        {"results": {"prefix": "cam", "values": "0.5", "nested": False}},  # not plain values
+        {"results": {"prefix": 3, "values": {}, "nested": False}},
+    ],
+)
+def test_a_donor_that_does_not_fit_is_not_used(tmp_path, marker):
+    donor = _donor(tmp_path, **marker)
+    target = _target(tmp_path)
+    assert reuse_stage(target, DIGEST, [donor.run_dir, tmp_path / "missing"]) is None
+    assert target.read_done() is None and (target.path / "RUNNING.json").exists()
+
+
+def test_the_own_run_is_never_a_donor(tmp_path):
+    donor = _donor(tmp_path)
+    assert reuse_stage(donor, DIGEST, [donor.run_dir]) is None
+
+
+def test_a_copy_replaces_the_unfinished_attempt(tmp_path):
+    donor, target = _donor(tmp_path), _target(tmp_path)
+    assert reuse_stage(target, DIGEST, [donor.run_dir]) == donor.path
+    assert not (target.path / "RUNNING.json").exists()
+    assert (target.path / "cams" / "a.npz").read_bytes() == b"cam"
+    done = target.read_done()
+    assert done["config_hash"] == DIGEST and done["reused_from"] == str(donor.path)
+    assert StageRecord.from_done(done) == StageRecord("cam", {"miou": 0.5}, False)
+
+
+def test_an_interrupted_copy_leaves_nothing_that_counts_as_done(tmp_path, monkeypatch):
+    donor, target = _donor(tmp_path), _target(tmp_path)
+
+    def killed(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reuse, "_link_or_copy", killed)
+    assert reuse_stage(target, DIGEST, [donor.run_dir]) is None
+    assert target.read_done() is None and (target.path / "RUNNING.json").exists()
+    assert not list(target.path.parent.glob(f"{REUSE_PREFIX}*"))
+
+
+def test_a_donor_redone_during_the_copy_is_not_used(tmp_path, monkeypatch):
+    donor, target = _donor(tmp_path), _target(tmp_path)
+
+    def copy_while_donor_is_reset(src, dst):
+        shutil.copy2(src, dst)
+        donor.done_file.write_text(json.dumps({"config_hash": "new", "results": RECORD}))
+
+    monkeypatch.setattr(reuse, "_link_or_copy", copy_while_donor_is_reset)
+    assert reuse_stage(target, DIGEST, [donor.run_dir]) is None
+    assert target.read_done() is None
+
+
+def test_a_leftover_copy_of_a_killed_run_is_removed(tmp_path):
+    donor, target = _donor(tmp_path), _target(tmp_path)
+    stale = target.path.parent / f"{REUSE_PREFIX}make_cams-xyz"
+    (stale / "stage").mkdir(parents=True)
+    reuse_stage(target, DIGEST, [donor.run_dir])
+    assert not stale.exists()
