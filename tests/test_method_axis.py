@@ -30,6 +30,12 @@ def test_each_point_of_the_sweep_composes_into_a_plan(method, conta):
     assert run_identity(cfg) == {"data": "synth", "method": method, "conta": conta == "on"}
 
 
+@pytest.mark.parametrize("conta, last", [("off", 0), ("on", 1)])
+def test_one_sweep_sets_the_rounds_where_conta_is_on(conta, last):
+    """`conta=off,on conta.rounds=1`: the baseline stays round 0 (CONTA's T is CONTA's)."""
+    assert compose_cfg([f"conta={conta}", "conta.rounds=1"]).round == last
+
+
 def test_a_run_of_part_of_a_method_names_no_method():
     assert run_identity(compose_cfg(["experiment=synth_cam"]))["method"] is None
     assert run_identity(compose_cfg(["experiment=synth_supervised"]))["method"] is None

@@ -13,6 +13,7 @@ DDP split or on a resume (Lightning restores the epoch and calls ``set_epoch``).
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +268,30 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def worker_context(num_workers: int) -> str | None:
+    """The DataLoader workers' start method, stated instead of inherited. A job of
+    `hydra/launcher=joblib` runs in a loky process, whose inherited default makes loky processes
+    that DataLoader workers cannot be (AttributeError: 'Process' object has no attribute 'env',
+    pytorch#44687). Linux: fork, its own default; elsewhere the platform's."""
+    return "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
+
+
+def inference_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> DataLoader:
+    """The DataLoader of every prediction pass over a stage's images, in order."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        multiprocessing_context=worker_context(num_workers),
+    )
+
+
 def training_loader(
     dataset: Dataset,
     batch_size: int,
@@ -287,6 +312,7 @@ def training_loader(
         drop_last=drop_last,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),
         worker_init_fn=seed_worker,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
@@ -419,6 +445,7 @@ class WSSSDataModule(L.LightningDataModule):
             dataset,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=worker_context(self.num_workers),
             worker_init_fn=seed_worker,
             pin_memory=self.pin_memory,
             generator=_own_generator(torch.initial_seed()),

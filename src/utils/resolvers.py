@@ -16,6 +16,13 @@ def with_conta(stages: list[str], enabled: bool) -> ListConfig:
     return ListConfig(stages)
 
 
+def last_round(rounds: int, enabled: bool) -> int:
+    """The run's last round: conta.rounds under conta=on, 0 under conta=off whatever
+    conta.rounds says, so one sweep `conta=off,on conta.rounds=T` runs T rounds where CONTA is."""
+    return int(rounds) if bool(enabled) else 0
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("with_conta"):
-        OmegaConf.register_new_resolver("with_conta", with_conta)
+    for name, fn in (("with_conta", with_conta), ("last_round", last_round)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -108,3 +108,25 @@ def test_set_epoch_after_iter_still_applies(synth_cfg):
     batches = iter(loader)
     loader.sampler.set_epoch(1)
     assert [b["id"] for b in batches] == want
+
+
+def _first_batches(workers: int) -> list[int]:
+    """In a loky process (a `hydra/launcher=joblib` job): one batch from each loader kind."""
+    from torch.utils.data import TensorDataset
+
+    from src.datamodules.datamodule import inference_loader
+
+    data = TensorDataset(torch.arange(8))
+    train = training_loader(data, batch_size=4, num_workers=workers, seed=0)
+    infer = inference_loader(data, batch_size=4, num_workers=workers)
+    return [len(next(iter(train))[0]), len(next(iter(infer))[0])]
+
+
+def test_loader_workers_start_inside_a_joblib_launcher_job():
+    """Loky's inherited start method cannot make DataLoader workers (pytorch#44687): the
+    loaders state theirs, so a joblib sweep keeps its `num_workers`."""
+    from joblib import Parallel, delayed
+
+    # two jobs so that joblib uses loky processes (one job would run here, in-process)
+    out = Parallel(n_jobs=2, backend="loky")(delayed(_first_batches)(w) for w in (1, 2))
+    assert out == [[4, 4], [4, 4]]

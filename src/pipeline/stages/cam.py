@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from src.callbacks.prediction_writer import NpzPredictionWriter
 from src.datamodules import WSSSDataModule, build_dataset
-from src.datamodules.datamodule import collate_same_size
+from src.datamodules.datamodule import collate_same_size, inference_loader
 from src.evaluation.cam import ThresholdSweep, cam_to_label
 from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
@@ -217,11 +217,8 @@ def make_cams(ctx: StageContext) -> StageResult:
     barrier()  # every rank has listed the same todo before any rank writes
     log.info("make_cams: %d of %d images to do", len(todo), len(dataset))
     if todo:
-        loader = DataLoader(
-            Subset(dataset, todo),
-            batch_size=cfg.cam.inference.batch_size,
-            num_workers=cfg.num_workers,
-            collate_fn=collate_same_size,
+        loader = inference_loader(
+            Subset(dataset, todo), cfg.cam.inference.batch_size, cfg.num_workers, collate_same_size
         )
         writer = NpzPredictionWriter(out_dir)
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])

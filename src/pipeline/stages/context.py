@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from src.datamodules import build_dataset, eval_transform
-from src.datamodules.datamodule import ExtraTarget, collate_same_size
+from src.datamodules.datamodule import ExtraTarget, collate_same_size, inference_loader
 from src.datamodules.transforms import load_frame
 from src.evaluation.figures import overlay_grid
 from src.models.context import (
@@ -146,11 +146,11 @@ def context_diagnostics(module, confounders: Confounders, ctx: StageContext) -> 
     ids = [dataset.ids[i] for i in keep]
     masks = torch.from_numpy(np.stack([confounders.mask_for(i) for i in ids]))
     stats = context_statistics(net.context, masks.to(next(net.parameters()).device))
-    loader = DataLoader(
+    loader = inference_loader(
         Subset(dataset, keep.tolist()),
-        batch_size=cfg.cam.inference.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_same_size,
+        cfg.cam.inference.batch_size,
+        cfg.num_workers,
+        collate_same_size,
     )
     stats["m_logit_share"] = m_logit_share(net, loader)
     stats["images"] = len(keep)

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import Dataset, Subset, default_collate
 
 from src.callbacks.prediction_writer import PngPredictionWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
-from src.datamodules.datamodule import training_loader
+from src.datamodules.datamodule import inference_loader, training_loader
 from src.datamodules.palette import read_label_png, save_label_png
 from src.datamodules.validation import read_rgb
 from src.evaluation.figures import overlay_grid
@@ -213,11 +213,11 @@ def make_pseudo_masks(ctx: StageContext) -> StageResult:
     barrier()  # every rank has listed the same todo before any rank writes
     log.info("make_pseudo_masks: %d of %d images", len(todo), len(dataset))
     if todo:
-        loader = DataLoader(
+        loader = inference_loader(
             Subset(WithCams(dataset, ctx.inputs["cams"] / CAM_DIR), todo),
-            batch_size=cfg.affinity.inference_batch_size,
-            num_workers=cfg.num_workers,
-            collate_fn=collate_with_cams,
+            cfg.affinity.inference_batch_size,
+            cfg.num_workers,
+            collate_with_cams,
         )
         writer = PngPredictionWriter(out_dir, key="mask")
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])

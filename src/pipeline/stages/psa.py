@@ -16,10 +16,11 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from src.callbacks.prediction_writer import PngPredictionWriter
 from src.datamodules import build_dataset, eval_transform, train_transform
+from src.datamodules.datamodule import inference_loader
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
@@ -154,11 +155,11 @@ def make_psa_pseudo_masks(ctx: StageContext) -> StageResult:
             alpha=module.hparams.bg_alpha,
             stride=module.net.output_stride,
         )
-        loader = DataLoader(
+        loader = inference_loader(
             Subset(walk_cams, todo),
-            batch_size=cfg.affinity.inference_batch_size,
-            num_workers=cfg.num_workers,
-            collate_fn=collate_with_cams,
+            cfg.affinity.inference_batch_size,
+            cfg.num_workers,
+            collate_with_cams,
         )
         writer = PngPredictionWriter(out_dir, key="mask")
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from src.callbacks.prediction_writer import NpzPredictionWriter
 from src.callbacks.step_budget import StepBudget
 from src.datamodules import build_dataset
-from src.datamodules.datamodule import training_loader
+from src.datamodules.datamodule import inference_loader, training_loader
 from src.datamodules.palette import save_label_png
 from src.datamodules.transforms import SegTransform, load_frame
 from src.datamodules.validation import read_rgb
@@ -310,11 +310,7 @@ def make_seeded_masks(ctx: StageContext) -> StageResult:
     barrier()
     log.info("make_seeded_masks: predicting %d of %d images", len(todo), len(dataset))
     if todo:
-        loader = DataLoader(
-            Subset(dataset, todo),
-            batch_size=sd.inference_batch_size,
-            num_workers=cfg.num_workers,
-        )
+        loader = inference_loader(Subset(dataset, todo), sd.inference_batch_size, cfg.num_workers)
         trainer = build_trainer(
             cfg, ctx.dir, [], training=False, callbacks=[NpzPredictionWriter(probs_dir)]
         )

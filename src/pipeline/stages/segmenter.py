@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, Subset
 
 from src.callbacks.prediction_writer import SegmentationWriter
 from src.callbacks.step_budget import StepBudget
 from src.datamodules import build_dataset, eval_transform, train_transform
-from src.datamodules.datamodule import collate_same_size, training_loader
+from src.datamodules.datamodule import collate_same_size, inference_loader, training_loader
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
 from src.models.deeplab import (
@@ -133,11 +133,11 @@ def full_image_loader(cfg: DictConfig, splits: str | list[str], indices: list[in
     names = [splits] if isinstance(splits, str) else splits
     parts = [build_dataset(cfg.data, split, transform) for split in names]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-    return DataLoader(
+    return inference_loader(
         dataset if indices is None else Subset(dataset, indices),
-        batch_size=cfg.segmenter.inference.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_same_size,
+        cfg.segmenter.inference.batch_size,
+        cfg.num_workers,
+        collate_same_size,
     )
 
 
