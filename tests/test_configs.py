@@ -84,14 +84,25 @@ def test_paper_settings(experiment):
     assert list(cam.inference.scales) == [1.0, 0.5, 1.5, 2.0]
 
 
-@pytest.mark.parametrize("experiment", ["voc_irnet", "voc_conta", "coco_conta", "voc_supervised"])
-def test_deeplab_paper_settings(experiment):
+@pytest.mark.parametrize(
+    "experiment, steps",
+    [
+        ("voc_irnet", 20000),
+        ("voc_conta", 20000),
+        ("voc_supervised", 20000),
+        # deeplab-pytorch's COCO recipe (cocostuff164k.yaml): 100k iterations
+        ("coco_conta", 100000),
+        ("coco_dsrg", 100000),
+        ("coco_supervised", 100000),
+    ],
+)
+def test_deeplab_paper_settings(experiment, steps):
     seg = compose_cfg([f"experiment={experiment}"]).segmenter
     assert seg.backbone.arch == "resnet101" and seg.backbone.norm == "frozen"
     assert list(seg.backbone.strides) == [2, 2, 1, 1] and list(seg.rates) == [6, 12, 18, 24]
     assert (seg.batch_size * seg.accumulate_grad_batches, seg.max_steps, seg.crop_size) == (
         10,
-        20000,
+        steps,
         321,
     )
     m, opt = seg.module, seg.optimizer
