@@ -6,6 +6,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+# Registers the configs' resolvers (with_conta, ...) before Hydra snapshots its state: the joblib
+# launcher restores that snapshot before every job, so a later registration would be lost.
+import src  # noqa: F401
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 

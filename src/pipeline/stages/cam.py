@@ -21,6 +21,7 @@ from src.models.cam import CAMClassifier, CAMNet
 from src.models.context import context_generator
 from src.models.optim import momentum_of
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.batching import batch_metrics, split_over_ranks
 from src.pipeline.runtime import barrier, build_trainer, is_global_zero, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.context import (
@@ -99,11 +100,13 @@ def train_cam(ctx: StageContext) -> StageResult:
             "extra_eval_targets": FRAME_TARGETS,
             "wrap": context_wrapper(confounders),
         }
+    trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=cfg.cam.max_epochs)
+    share = split_over_ranks(trainer, cfg.cam.batch_size, "cam.batch_size")
     datamodule = WSSSDataModule(
         cfg.data,
         train_split=cfg.data.train_split,
         val_split=cfg.data.val_split,
-        batch_size=cfg.cam.batch_size,
+        batch_size=share.per_rank,
         num_workers=cfg.num_workers,
         crop_size=cfg.cam.crop_size,
         scale_range=cfg.cam.scale_range,
@@ -115,7 +118,6 @@ def train_cam(ctx: StageContext) -> StageResult:
         _load_previous_weights(module, ctx.previous["classifier"] / WEIGHTS_FILE)
     elif cfg.conta.init not in ("reinit", "finetune"):
         raise ValueError(f"conta.init={cfg.conta.init!r}: use reinit|finetune")
-    trainer = build_trainer(cfg, ctx.dir, ctx.loggers, training=True, max_epochs=cfg.cam.max_epochs)
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
@@ -124,6 +126,7 @@ def train_cam(ctx: StageContext) -> StageResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)
+    metrics.update(batch_metrics(trainer, share))
     if confounders is None or not trainer.is_global_zero:
         return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
     diagnostics = context_diagnostics(module, confounders, ctx)

@@ -22,6 +22,7 @@ from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
 from src.models.optim import momentum_of
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.batching import batch_metrics, split_over_ranks
 from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone, read_weights
@@ -154,10 +155,11 @@ def fit_on_affinity_labels(ctx: StageContext, module, transform, weights_file: s
     label_dir = ctx.inputs["affinity_labels"] / IR_LABEL_DIR
     extras = {"ir_label": label_png_loader(label_dir, "the affinity-label stage")}
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
-    loader = training_loader(dataset, aff.batch_size, cfg.num_workers)
     trainer = build_trainer(
         cfg, ctx.dir, ctx.loggers, training=True, max_epochs=aff.max_epochs, limit_val_batches=0
     )
+    share = split_over_ranks(trainer, aff.batch_size, "affinity.batch_size")
+    loader = training_loader(dataset, share.per_rank, cfg.num_workers)
     trainer.fit(
         module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
@@ -166,6 +168,7 @@ def fit_on_affinity_labels(ctx: StageContext, module, transform, weights_file: s
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)
+    metrics.update(batch_metrics(trainer, share))
     return metrics
 
 

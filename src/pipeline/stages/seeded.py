@@ -37,6 +37,7 @@ from src.evaluation.figures import cue_figure
 from src.models.cam import strided_size
 from src.models.seeded_module import SeededModule, upsample_probs
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.batching import batch_metrics, split_over_ranks
 from src.pipeline.runtime import barrier, build_trainer, global_rank, log_figure, ranks_settle
 from src.pipeline.stage import Stage, StageContext, StageResult
 from src.pipeline.stages.cam import (
@@ -246,7 +247,6 @@ def train_seeded(ctx: StageContext) -> StageResult:
         extras={"frame": load_frame},
     )
     dataset = WithCues(base, cfg, ctx.inputs["cues"] / CUE_DIR)
-    loader = training_loader(dataset, sd.batch_size, cfg.num_workers)
     module = build_seeded_module(cfg, ctx.inputs.get("classifier"))
     trainer = build_trainer(
         cfg,
@@ -258,6 +258,8 @@ def train_seeded(ctx: StageContext) -> StageResult:
         max_epochs=-1,
         limit_val_batches=0,
     )
+    share = split_over_ranks(trainer, sd.batch_size, "seeded.batch_size")
+    loader = training_loader(dataset, share.per_rank, cfg.num_workers)
     trainer.fit(
         module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
@@ -265,6 +267,7 @@ def train_seeded(ctx: StageContext) -> StageResult:
         atomic_torch_save(ctx.dir / SEEDED_WEIGHTS, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["resume"] = ctx.training_resume(trainer)
+    metrics.update(batch_metrics(trainer, share))
     return StageResult(metrics=metrics, artifacts=[SEEDED_WEIGHTS])
 
 

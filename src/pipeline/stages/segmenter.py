@@ -27,6 +27,7 @@ from src.models.deeplab import (
     save_segmenter,
 )
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.batching import batch_metrics, split_over_ranks
 from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import load_classifier_backbone
@@ -153,7 +154,6 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         extra_targets={k: "label" for k in extras},
     )
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform, extras=extras)
-    train_loader = training_loader(dataset, seg.batch_size, cfg.num_workers)
     net = fresh_segmenter_net(cfg, ctx.inputs.get("classifier"))
     counts = label_pixel_counts(dataset, label_key, cfg.data.num_classes)
     class_weight = balanced_class_weights(counts, seg.class_balance)
@@ -167,9 +167,12 @@ def train_segmenter(ctx: StageContext) -> StageResult:
         callbacks=[StepBudget(seg.max_steps)],  # not max_steps: see callbacks/step_budget.py
         max_steps=-1,
         max_epochs=-1,
-        accumulate_grad_batches=seg.accumulate_grad_batches,
         check_val_every_n_epoch=seg.val_every_n_epochs,
     )
+    share = split_over_ranks(
+        trainer, seg.batch_size, "segmenter.batch_size", seg.accumulate_grad_batches
+    )
+    train_loader = training_loader(dataset, share.per_rank, cfg.num_workers)
     trainer.fit(
         module,
         train_dataloaders=train_loader,
@@ -183,6 +186,7 @@ def train_segmenter(ctx: StageContext) -> StageResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["labels"] = seg.labels
     metrics["resume"] = ctx.training_resume(trainer)
+    metrics.update(batch_metrics(trainer, share))
     metrics["class_weight"] = [round(float(w), 4) for w in class_weight]
     return StageResult(metrics=metrics, artifacts=[SEGMENTER_WEIGHTS])
 
