@@ -54,10 +54,15 @@ bench-sets: install ## The segmenter recipe on generated sets it was not tuned o
 bench-faults: install ## Fault campaign: SIGKILL the default experiment 20 times, resume, compare every artifact with an uninterrupted run (long)
 	$(PY) bench/faults.py --kills 20 --seed 0
 
-SWEEP ?= method=irnet,seam conta=off,on seed=0,1,2
+# The four baselines with and without CONTA (T = 1), three seeds, two jobs at a time at one thread
+# each, no loader workers (as measured in the README); conta=off jobs come first, so each conta=on
+# job copies its round 0 (reuse_from).
+SWEEP   ?= method=sec,seam,irnet,dsrg conta=off,on conta.rounds=1 seed=0,1,2
+JOBS    ?= 2
+WORKERS ?= 0
 table2: install ## Table 2 on the synthetic set: the supervised bounds, the sweep $(SWEEP), then report.py (long)
 	for seed in 0 1 2; do $(PY) train.py experiment=synth_supervised seed=$$seed || exit 1; done
-	$(PY) train.py -m $(SWEEP) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) train.py -m $(SWEEP) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) num_workers=$(WORKERS) $(ARGS)
 	$(PY) report.py outputs/multirun/synth
 
 clean-outputs: ## Remove run outputs (outputs/)

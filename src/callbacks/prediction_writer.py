@@ -5,6 +5,7 @@ Files appear only when complete (temp + rename), so a crashed run can skip what 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -35,11 +36,23 @@ class PerImageWriter(BasePredictionWriter):
 
 
 class NpzPredictionWriter(PerImageWriter):
-    """Every array of the item (all keys but `id`) into `out_dir/{id}.npz` (CAMs)."""
+    """Every array of the item (all keys but `id`) into `out_dir/{id}.npz` (CAMs), passed
+    through `encode` first when given, zlib-compressed when `compress`."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        encode: Callable[[dict], dict] | None = None,
+        compress: bool = False,
+    ):
+        super().__init__(out_dir)
+        self.encode, self.compress = encode, compress
 
     def write_item(self, item: dict) -> None:
         arrays = {k: v for k, v in item.items() if k != "id"}
-        atomic_save_npz(self.out_dir / f"{item['id']}.npz", **arrays)
+        if self.encode is not None:
+            arrays = self.encode(arrays)
+        atomic_save_npz(self.out_dir / f"{item['id']}.npz", compress=self.compress, **arrays)
 
 
 class PngPredictionWriter(PerImageWriter):

@@ -133,7 +133,7 @@ def test_nan_cam_is_an_error(finished_run, tmp_path):
     cam = sorted((Path(cfg.paths.run_dir) / "round_0/make_cams/cams").glob("*.npz"))[0]
     with np.load(cam) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["cam"][:] = np.nan
+    arrays["cam"] = np.full(arrays["cam"].shape, np.nan, np.float32)  # a float CAM file
     np.savez(cam, **arrays)
     with open_dict(cfg):
         cfg.force = ["make_pseudo_masks"]

@@ -21,6 +21,7 @@ from PIL import Image
 
 from src.datamodules import build_dataset
 from src.pipeline.driver import check_stages
+from src.pipeline.stages.cam import load_cam
 from src.train import train
 from tests.conftest import FAST_CAM, FAST_SEGMENTER, TINY_SYNTH, compose_cfg
 
@@ -84,7 +85,9 @@ def test_cams_keep_the_contract(method_run):
     dataset = build_dataset(cfg.data, cfg.data.train_split)
     for i, image_id in enumerate(dataset.ids):
         with np.load(f"{folder}/cams/{image_id}.npz", allow_pickle=False) as f:
-            keys, cam, high = f["keys"], f["cam"], f["high_res"]
+            assert {f["cam"].dtype, f["high_res"].dtype} <= {np.dtype("uint8"), np.dtype("float16")}
+        stored = load_cam(Path(folder) / "cams", image_id)  # what every reader gets
+        keys, cam, high = stored["keys"], stored["cam"], stored["high_res"]
         labels = np.flatnonzero(dataset.labels[i]) + 1
         assert sorted(keys.tolist()) == sorted(labels.tolist()), (method, image_id)
         h, w = dataset.load_mask(i).shape

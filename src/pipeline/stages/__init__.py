@@ -49,6 +49,7 @@ _CAM_INFERENCE = (
     "cam.module._target_",  # predict_step: the method's CAM (SEAM: from cam_rv)
     "cam.inference.scales",
     "cam.inference.flip",
+    "cam.inference.store",
 )
 # Scored on data.eval_split; the figure shows `figure_images` of them.
 _EVAL_IMAGES = ("data:eval_split", "data.format", "data.on_empty_label", "data.num_classes")

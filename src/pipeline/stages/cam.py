@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,54 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "cam_net.pt"
 CAM_DIR = "cams"
-CAM_ARRAYS = {"keys": "iu", "cam": "f", "high_res": "f"}  # what CAMClassifier.predict_step writes
+CAM_ARRAYS = {"keys": "iu", "cam": "fu", "high_res": "fu"}  # what make_cams writes
+CAM_MAPS = ("cam", "high_res")  # values in [0, 1] (max-normalised), stored per cam.inference.store
+# uint8 CAM files: bins of 1/200 with edges on the multiples of 0.005, so that every threshold
+# on that grid (the eval sweep, IRNet's 0.05 / 0.30, SEC's cue fractions) splits the stored maps
+# exactly as it splits the computed ones; a value is stored at its bin's centre (error <= 0.0025).
+CAM_LEVELS = 200
+CAM_STORES = ("uint8", "float16")
+
+
+def cam_encoder(store: str) -> Callable[[dict], dict]:
+    """How make_cams stores the maps: `uint8` (bin q = ceil(200 x), zlib-compressed) or `float16`
+    as computed. bench/cam_store.py measures the bytes and scores of both."""
+    if store not in CAM_STORES:
+        raise ValueError(f"cam.inference.store={store!r}: use one of {list(CAM_STORES)}")
+
+    def encode(arrays: dict) -> dict:
+        out = dict(arrays)
+        for key in CAM_MAPS:
+            x = np.asarray(arrays[key], dtype=np.float32)
+            if store == "uint8":
+                # float64: x * 200 must not round onto a bin edge that x lies above
+                out[key] = np.ceil(np.clip(x, 0.0, 1.0).astype(np.float64) * CAM_LEVELS).astype(
+                    np.uint8
+                )
+            else:
+                out[key] = x.astype(np.float16)
+        return out
+
+    return encode
+
+
+def decode_cam(arrays: dict[str, np.ndarray], src: Source | None = None) -> dict:
+    """The maps as float32 in [0, 1], whichever store wrote them (uint8: bin centres, 0 kept)."""
+    out = dict(arrays)
+    for key in CAM_MAPS:
+        a = arrays[key]
+        if a.dtype.kind == "u":
+            if a.dtype != np.uint8 or (a.size and a.max() > CAM_LEVELS):
+                message = (
+                    f"array {key!r} is not a uint8 CAM (dtype {a.dtype}, bins 0..{CAM_LEVELS})"
+                )
+                if src is None:
+                    raise ValueError(message)
+                src.fail(message)
+            out[key] = np.maximum(a.astype(np.float32) - 0.5, 0.0) / np.float32(CAM_LEVELS)
+        else:
+            out[key] = a.astype(np.float32)
+    return out
 
 
 def read_weights(path: Path, stage: str) -> dict[str, torch.Tensor]:
@@ -223,7 +271,8 @@ def make_cams(ctx: StageContext) -> StageResult:
         loader = inference_loader(
             Subset(dataset, todo), cfg.cam.inference.batch_size, cfg.num_workers, collate_same_size
         )
-        writer = NpzPredictionWriter(out_dir)
+        store = cfg.cam.inference.store
+        writer = NpzPredictionWriter(out_dir, cam_encoder(store), compress=store == "uint8")
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     barrier()  # every rank's shard is on disk before the count
@@ -238,8 +287,8 @@ def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
             f"CAM file {path} for image {image_id!r} is missing: the make_cams stage did not cover "
             f"this id (was data.eval_split changed?). Re-run with force=[make_cams]."
         )
-    fix = "delete it and re-run make_cams (force=[make_cams])"
-    return read_npz(Source(path, fix, MissingArtifactError), CAM_ARRAYS)
+    src = Source(path, "delete it and re-run make_cams (force=[make_cams])", MissingArtifactError)
+    return decode_cam(read_npz(src, CAM_ARRAYS), src)
 
 
 def eval_cams(ctx: StageContext) -> StageResult:
