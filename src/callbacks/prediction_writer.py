@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from src.datamodules.palette import save_label_png
+from src.postprocess.logits_store import encode_logits
 from src.utils.io import atomic_save_npz
 
 
@@ -68,14 +70,20 @@ class PngPredictionWriter(PerImageWriter):
 
 class SegmentationWriter(PngPredictionWriter):
     """Masks as palette PNGs in `out_dir`; with `logits_dir`, each item's stride-8 `logits` also
-    go to `logits_dir/{id}.npz` in `logits_dtype` (kept for the CRF step, as deeplab-pytorch)."""
+    go to `logits_dir/{id}.npz` for the CRF step (as deeplab-pytorch keeps them), stored as
+    `src.postprocess.logits_store` says (`logits_dtype`, `logits_min_prob`)."""
 
     def __init__(
-        self, out_dir: Path, logits_dir: Path | None = None, logits_dtype: str = "float16"
+        self,
+        out_dir: Path,
+        logits_dir: Path | None = None,
+        logits_dtype: str = "float16",
+        logits_min_prob: float = 0.0,
     ):
         super().__init__(out_dir, key="mask")
         self.logits_dir = None if logits_dir is None else Path(logits_dir)
-        self.logits_dtype = logits_dtype
+        encode_logits(np.zeros((1, 1, 1)), logits_dtype, logits_min_prob)  # checks the settings
+        self.logits_dtype, self.logits_min_prob = logits_dtype, logits_min_prob
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -85,6 +93,7 @@ class SegmentationWriter(PngPredictionWriter):
     def write_item(self, item: dict) -> None:
         if self.logits_dir is not None:
             # Logits first: a mask PNG on disk then implies its logits are there too.
-            logits = item["logits"].astype(self.logits_dtype)
-            atomic_save_npz(self.logits_dir / f"{item['id']}.npz", logits=logits)
+            arrays = encode_logits(item["logits"], self.logits_dtype, self.logits_min_prob)
+            compress = self.logits_dtype == "uint8"
+            atomic_save_npz(self.logits_dir / f"{item['id']}.npz", compress=compress, **arrays)
         super().write_item(item)

@@ -140,6 +140,7 @@ TABLE: list[tuple] = [
     ("segmenter.rates", SEGMENTER_NET),
     ("segmenter.module.scales", SEGMENTER_NET),
     ("segmenter.inference.logits_dtype", {"predict_segmenter"}),
+    ("segmenter.inference.logits_min_prob", {"predict_segmenter"}),
     ("segmenter.crf.*", {"crf_segmenter"}),
     ("segmenter.*", {"train_segmenter"}),
     ("conta.context", {"confounders"}),  # ... and the classifier, LATER (below)

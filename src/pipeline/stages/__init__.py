@@ -185,7 +185,12 @@ STAGES: dict[str, Stage] = {
         Stage(
             "predict_segmenter",
             predict_segmenter,
-            (*_SEGMENTER_INFERENCE, *_VAL_IMAGES, "segmenter.inference.logits_dtype"),
+            (
+                *_SEGMENTER_INFERENCE,
+                *_VAL_IMAGES,
+                "segmenter.inference.logits_dtype",
+                "segmenter.inference.logits_min_prob",
+            ),
             produces="segmentation",
             inputs=("segmenter",),
         ),

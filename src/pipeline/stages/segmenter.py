@@ -33,6 +33,7 @@ from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import load_classifier_backbone
 from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
 from src.postprocess.crf import CRFParams, crf_refine_logits, run_parallel
+from src.postprocess.logits_store import decode_logits
 from src.utils.untrusted import Source, read_npz
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,10 @@ def predict_segmenter(ctx: StageContext) -> StageResult:
     barrier()  # every rank has listed the same todo before any rank writes
     log.info("predict_segmenter: %d of %d %s images", len(todo), len(ids), split)
     if todo:
-        writer = SegmentationWriter(mask_dir, logits_dir, cfg.segmenter.inference.logits_dtype)
+        inference = cfg.segmenter.inference
+        writer = SegmentationWriter(
+            mask_dir, logits_dir, inference.logits_dtype, inference.logits_min_prob
+        )
         trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
         trainer.predict(
             module, dataloaders=full_image_loader(cfg, split, todo), return_predictions=False
@@ -257,15 +261,24 @@ def eval_segmenter(ctx: StageContext) -> StageResult:
     return _score(ctx, folder, "segmenter", "seg", title)
 
 
-def _crf_job(job: tuple, *, params: CRFParams, out_dir: Path) -> None:
+def read_logits(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A predict_segmenter logits file: (values whose softmax is the stored probabilities
+    (K, h, w), their class ids (K,)); see src/postprocess/logits_store.py."""
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} missing: re-run predict_segmenter")
+    fix = "delete it and re-run predict_segmenter (force=[predict_segmenter])"
+    src = Source(path, fix, MissingArtifactError)
+    kinds = {"logits": "fu", "classes": "iu", "scale": "f"}
+    arrays = read_npz(src, kinds, optional=("classes", "scale"))
+    return decode_logits(arrays, num_classes, src.fail)
+
+
+def _crf_job(job: tuple, *, params: CRFParams, out_dir: Path, num_classes: int) -> None:
     image_id, image_path, logits_path = job
     image = read_rgb(image_path)
-    if not logits_path.is_file():
-        raise MissingArtifactError(f"{logits_path} missing: re-run predict_segmenter")
-    fix = "delete it and re-run predict_segmenter (force=[predict_segmenter])"
-    arrays = read_npz(Source(logits_path, fix, MissingArtifactError), {"logits": "f"})
-    logits = torch.from_numpy(arrays["logits"].astype(np.float32))
-    save_label_png(out_dir / f"{image_id}.png", crf_refine_logits(image, logits, params))
+    logits, classes = read_logits(logits_path, num_classes)
+    labels = crf_refine_logits(image, torch.from_numpy(logits), params)
+    save_label_png(out_dir / f"{image_id}.png", classes[labels].astype(np.uint8))
 
 
 def crf_segmenter(ctx: StageContext) -> StageResult:
@@ -285,7 +298,8 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
         (dataset.ids[i], dataset.image_paths[i], logits_dir / f"{dataset.ids[i]}.npz") for i in todo
     ]
     log.info("crf_segmenter: %d of %d images, %d workers", len(jobs), len(dataset), workers)
-    run_parallel(partial(_crf_job, params=params, out_dir=out_dir), jobs, workers)
+    job = partial(_crf_job, params=params, out_dir=out_dir, num_classes=cfg.data.num_classes)
+    run_parallel(job, jobs, workers)
     title = f"round {ctx.round}: segmenter + CRF on {cfg.data.val_split}"
     result = _score(ctx, out_dir, "segmenter + CRF", "seg_crf", title)
     result.artifacts.append(MASK_DIR)
