@@ -14,27 +14,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_job_of_a_joblib_sweep_runs(tmp_path):
-    """The launcher restores the resolvers it snapshot at start-up before each job: a second
-    job in one process must still resolve `with_conta` (it did not while `src` was imported only
-    inside the first job)."""
+    """Three jobs on two loky processes, each with DataLoader workers and a CRF process pool.
+    Three faults of the launcher are covered: it restores the resolvers it saw at start-up before
+    each job (a process's second job failed on `${with_conta:...}` while `src` was imported only
+    inside the first); loky's default start method broke DataLoader workers ('Process' object has
+    no attribute 'env') and spawned pool workers (cannot find context for 'loky')."""
     fast = [o for o in FAST_CAM if not o.startswith("num_workers=")]
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
         "-m",
-        "experiment=synth_cam",
+        "experiment=synth_irnet",
         *TINY_SYNTH,
         *fast,
-        "stages=[train_cam]",
-        "seed=0,1",
+        "stages=[train_cam,make_cams,make_ir_labels]",
+        "affinity.ir_label.workers=2",
+        "seed=0,1,2",
         "num_workers=1",
         "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=1",  # both jobs in one process, one after the other
+        "hydra.launcher.n_jobs=2",
     ]
-    env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    for seed in (0, 1):
-        run_dir = tmp_path / f"outputs/synth_irnet_cam/seed_{seed}"
-        done_file = run_dir / "round_0/train_cam/DONE.json"
-        assert json.loads(done_file.read_text())["stage"] == "train_cam"
+    for seed in (0, 1, 2):
+        labels = tmp_path / f"outputs/synth_irnet/seed_{seed}/round_0/make_ir_labels"
+        assert json.loads((labels / "DONE.json").read_text())["stage"] == "make_ir_labels"
+        assert len(list((labels / "ir_labels").glob("*.png"))) == 24

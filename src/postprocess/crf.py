@@ -335,6 +335,16 @@ def run_parallel(
         return [fn(item) for item in items]
     if chunksize is None:
         chunksize = max(1, len(items) // (workers * 4))  # a few chunks per worker balances load
+    if multiprocessing.get_start_method(allow_none=True) not in (
+        None,
+        "fork",
+        "spawn",
+        "forkserver",
+    ):
+        # A `hydra/launcher=joblib` job runs in a loky process whose default start method is
+        # "loky"; spawned children copy that default and die on it (ValueError: cannot find
+        # context for 'loky'), so the pool's children get the platform's.
+        multiprocessing.set_start_method(None, force=True)
     ctx = multiprocessing.get_context(start_method)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         return list(pool.map(fn, items, chunksize=chunksize))
