@@ -37,12 +37,14 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF, SEC/DSRG step, COCO reader memory
+bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF, SEC/DSRG step, CAM/logit storage, COCO reader memory
 	$(PY) bench/cam_stage.py
 	$(PY) bench/segmenter.py
 	$(PY) bench/random_walk.py
 	$(PY) bench/crf.py
 	$(PY) bench/seeded_step.py --shape synth --batch 16
+	$(PY) bench/cam_store.py
+	$(PY) bench/logits_store.py
 	$(PY) bench/coco_memory.py
 
 bench-conta: install ## CONTA vs baseline: layout confounder, 5 seeds, rounds 0-1, variants paper / gt C / shuffled m (long)

@@ -11,7 +11,10 @@ maps both ways and reports:
 * CAM mIoU on the run's eval split at the configured threshold and at the best one of the
   sweep, from each store's decoded maps (same threshold sweep as eval_cams).
 
-    python bench/cam_store.py [--run outputs/synth_irnet/seed_0] [--round 0]
+The comparison is against the files as stored: for the loss of uint8 against the computed maps,
+pass a run made with cam.inference.store=float16 (the default is uint8).
+
+    python bench/cam_store.py [--run outputs/synth_irnet_conta/seed_0] [--round 0]
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ def voc_sized(cam: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "outputs/synth_irnet/seed_0")
+    parser.add_argument("--run", type=Path, default=ROOT / "outputs/synth_irnet_conta/seed_0")
     parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args()
+    if not (args.run / "config.yaml").is_file():
+        raise SystemExit(f"{args.run} holds no finished run: run `make train` first, or pass --run")
     cfg = OmegaConf.load(args.run / "config.yaml")
     cam_dir = args.run / f"round_{args.round}" / "make_cams" / CAM_DIR
     dataset = build_dataset(cfg.data, cfg.data.eval_split)

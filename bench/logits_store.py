@@ -5,7 +5,10 @@ Prints, never asserts.
 Reads a finished run's val logits (predict_segmenter), stores them each way and reports the bytes
 per image, the classes kept, and the CRF mIoU from each (crf_segmenter's CRF and scoring).
 
-    python bench/logits_store.py [--run outputs/synth_irnet/seed_0] [--round 0] [--min-prob 1e-4]
+The comparison is against the files as stored: for the loss against the computed logits, pass a
+run made with segmenter.inference.logits_dtype=float16 segmenter.inference.logits_min_prob=0.
+
+    python bench/logits_store.py [--run outputs/synth_irnet_conta/seed_0] [--round 0] [--min-prob 1e-4]
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ def fail(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "outputs/synth_irnet/seed_0")
+    parser.add_argument("--run", type=Path, default=ROOT / "outputs/synth_irnet_conta/seed_0")
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--min-prob", type=float, default=1e-4)
     args = parser.parse_args()
+    if not (args.run / "config.yaml").is_file():
+        raise SystemExit(f"{args.run} holds no finished run: run `make train` first, or pass --run")
     cfg = OmegaConf.load(args.run / "config.yaml")
     params = CRFParams.from_config(OmegaConf.to_container(cfg.segmenter.crf), "segmenter.crf")
     folder = args.run / f"round_{args.round}" / "predict_segmenter" / LOGITS_DIR

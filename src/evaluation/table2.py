@@ -167,10 +167,12 @@ def _metric(value: Any, src: Source, where: str) -> float | None:
     return float(value)
 
 
-def read_run(path: str | os.PathLike) -> Run:
+def read_run(path: str | os.PathLike) -> Run | None:
     """A results.json checked as untrusted input: a JSON object with 'rounds' (round number ->
     row), 'method' and 'data' (names), 'conta' (bool), 'seed' (int); the table's metrics, where
-    present, plain fractions. Only those fields are read; anything else in the file is ignored."""
+    present, plain fractions. Only those fields are read; anything else in the file is ignored.
+    None for a run that names no method (`method: null`: a supervised bound, a `_cam` run),
+    which has no row of its own: bounds enter through `upper_bound`."""
     path = Path(path)
     src = Source(path, _FIX_RERUN, Table2Error)
     try:
@@ -182,6 +184,8 @@ def read_run(path: str | os.PathLike) -> Run:
     missing = [k for k in ("method", "conta", "data", "seed") if k not in obj]
     if missing:
         Source(path, _FIX_OLD, Table2Error).fail(f"lacks {missing}")
+    if obj["method"] is None:
+        return None
     for key, kind in (("method", str), ("data", str), ("conta", bool), ("seed", int)):
         if not conforms(obj[key], kind):
             src.fail(f"[{key!r}] is {describe(obj[key])}, expected {kind.__name__}")
@@ -205,7 +209,7 @@ def read_run(path: str | os.PathLike) -> Run:
 def gather_runs(dirs: Sequence[str | os.PathLike]) -> list[Run]:
     """Every run under `dirs`, checked; two files for one (data, method, conta, seed) are an
     error: the table would silently average or drop one of them."""
-    runs = [read_run(p) for p in find_results(dirs)]
+    runs = [run for run in map(read_run, find_results(dirs)) if run is not None]
     by_id: dict[tuple, list[Path]] = {}
     for run in runs:
         by_id.setdefault((run.data, run.method, run.conta, run.seed), []).append(run.path)

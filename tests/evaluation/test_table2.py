@@ -250,3 +250,11 @@ def test_cli_exits_2_with_a_one_line_error(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds no results.json" in lines[0] and "Fix:" in lines[0]
+
+
+def test_runs_that_name_no_method_are_left_out(tmp_path):
+    """A supervised bound or a `_cam` run in the sweep folder (method null) has no row."""
+    make_sweep(tmp_path)
+    write_run(tmp_path / "bound" / "seed_0", None, False, 0, {"0": {"seg_miou": 0.9}})
+    blocks = build_table(gather_runs([tmp_path]))
+    assert [b.method for b in blocks] == ["irnet", "seam"]

@@ -42,5 +42,6 @@ def copy_run(finished_run, tmp_path):
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path / "run")
+        cfg.reuse_from = []  # the copy stands alone: the original would donate every stage
     shutil.copytree(finished_run[0].paths.run_dir, cfg.paths.run_dir)
     return cfg
