@@ -45,7 +45,7 @@ CAM_DIR = "cams"
 CAM_ARRAYS = {"keys": "iu", "cam": "fu", "high_res": "fu"}  # what make_cams writes
 CAM_MAPS = ("cam", "high_res")  # values in [0, 1] (max-normalised), stored per cam.inference.store
 # uint8 CAM files: bins of 1/200 with edges on the multiples of 0.005, so that every threshold
-# on that grid (the eval sweep, IRNet's 0.05 / 0.30, SEC's cue fractions) splits the stored maps
+# on that grid (the eval sweep, IRNet's 0.05 / 0.30) splits the stored maps
 # exactly as it splits the computed ones; a value is stored at its bin's centre (error <= 0.0025).
 CAM_LEVELS = 200
 CAM_STORES = ("uint8", "float16")
