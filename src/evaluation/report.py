@@ -178,6 +178,15 @@ def _summary_values(row: Mapping[str, Any], timed: list[str]) -> dict[str, Any]:
     return values
 
 
+def _crf_subset_note(row: Mapping[str, Any]) -> str:
+    """' (on 5,000 of 40,504)' when the CRF was scored on a fixed subset (segmenter.crf_images),
+    with the segmenter's score on those images, which is the one to compare against."""
+    n, of = row.get("seg_crf_images"), row.get("seg_crf_split_images")
+    if not isinstance(n, int) or not isinstance(of, int) or n >= of:
+        return ""
+    return f" (on {n:,} of {of:,}; no CRF: {_pct(row.get('seg_crf_without_crf_miou'))})"
+
+
 def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(headers, rows of strings): one row per round, plus a change row vs round 0."""
     rounds = results["rounds"]
@@ -195,6 +204,8 @@ def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             elif name == "CAM best":
                 thr = rounds[r].get("cam_best_threshold")
                 cells.append(_pct(v) if v is None or thr is None else f"{_pct(v)} @{thr:.2f}")
+            elif name == "Seg+CRF mIoU":
+                cells.append(_pct(v) + _crf_subset_note(rounds[r]))
             else:
                 cells.append(_pct(v))
         rows.append(cells)

@@ -47,6 +47,8 @@ COLUMNS = (
     ("Seg", "seg_miou"),
     ("Seg+CRF", "seg_crf_miou"),
 )
+CRF_SHARE = "seg_crf_share"  # carried beside the columns: marks a CRF scored on a subset
+SUBSET_MARK = "‡"
 REQUIRED = ("cam_miou",)  # every method has a CAM stage; the other columns may be "–"
 CONFIDENCE = 0.95
 MISSING = "–"
@@ -167,6 +169,17 @@ def _metric(value: Any, src: Source, where: str) -> float | None:
     return float(value)
 
 
+def _crf_share(row: dict, src: Source, where: str) -> float | None:
+    """The share of the val images the CRF column was scored on (segmenter.crf_images), if the
+    run says."""
+    n, of = row.get("seg_crf_images"), row.get("seg_crf_split_images")
+    if n is None or of is None:
+        return None
+    if not conforms(n, int) or not conforms(of, int) or not 0 < n <= of:
+        src.fail(f"{where} seg_crf_images / seg_crf_split_images are {n!r} / {of!r}")
+    return n / of
+
+
 def read_run(path: str | os.PathLike) -> Run | None:
     """A results.json checked as untrusted input: a JSON object with 'rounds' (round number ->
     row), 'method' and 'data' (names), 'conta' (bool), 'seed' (int); the table's metrics, where
@@ -199,6 +212,7 @@ def read_run(path: str | os.PathLike) -> Run | None:
         rounds[int(r)] = {
             key: _metric(row.get(key), src, f"round {r} {key!r}") for _, key in COLUMNS
         }
+        rounds[int(r)][CRF_SHARE] = _crf_share(row, src, f"round {r}")
     if 0 not in rounds:
         src.fail("has no round 0 (the baseline)")
     if obj["conta"] and max(rounds) == 0:
@@ -319,7 +333,12 @@ def _mean_std_cell(arm: Arm, key: str, block: Block) -> str:
     if key not in block.keys:
         return MISSING
     mean, std = mean_std([v[key] for v in arm.values.values()])
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+    cell = f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+    return cell + (SUBSET_MARK if key == "seg_crf_miou" and _crf_subset(arm) else "")
+
+
+def _crf_subset(arm: Arm) -> bool:
+    return any((v.get(CRF_SHARE) or 100) < 100 for v in arm.values.values())
 
 
 def _gain_cell(block: Block, key: str) -> str:
@@ -358,11 +377,19 @@ _LEGEND = (
 )
 
 
+_SUBSET_LEGEND = (
+    f"{SUBSET_MARK}: Seg+CRF scored on a fixed subset of the val images (segmenter.crf_images); "
+    "each run's results.md gives the count and the segmenter without CRF on the same images."
+)
+
+
 def render_markdown(blocks: Sequence[Block]) -> str:
     lines = ["# Table 2: baselines with and without CONTA", ""]
     lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(blocks)]
-    return "\n".join([*lines, "", _LEGEND]) + "\n"
+    arms = [a for b in blocks for a in (b.baseline, b.conta) if a is not None]
+    legend = [_LEGEND] + ([_SUBSET_LEGEND] if any(map(_crf_subset, arms)) else [])
+    return "\n".join([*lines, "", *legend]) + "\n"
 
 
 # ----------------------------------------------------------------------------- figure, W&B

@@ -37,6 +37,7 @@ from src.pipeline.runtime import (
     is_global_zero,
     log_metrics,
     run_on_rank_zero,
+    start_ranks,
 )
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
@@ -181,6 +182,7 @@ def _run_stage(
         log.info("round %d: redoing %s: %s", round_idx, stage.name, reason)
     barrier()
     run_on_rank_zero(lambda: _prepare_stage_dir(sdir, digest), f"preparing {sdir.path}")
+    start_ranks(cfg)
     seed = stage_seed(cfg.seed, stage.name)
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = StageContext(
@@ -195,9 +197,9 @@ def _run_stage(
     log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, seed)
     start = time.perf_counter()
 
-    # Rank-0 work ends in a settle rather than a bare barrier: when rank 0 fails, every rank
-    # stops at once and the error is shown once (see runtime.ranks_settle), instead of the other
-    # ranks waiting out the collective timeout.
+    # Rank 0 keeps the books in a settle rather than behind a bare barrier: when it fails, every
+    # rank stops at once and the error is shown once (see runtime.ranks_settle), instead of the
+    # other ranks waiting out the collective timeout.
     def execute():
         ctx.loggers = (
             build_loggers(cfg, round_idx, stage.name, sdir.path) if is_global_zero() else []
@@ -226,12 +228,10 @@ def _run_stage(
         )
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
 
-    what = f"round {round_idx}: {stage.name}"
-    if stage.rank_zero_only:  # numpy-only steps: rank 0 works, the others wait
-        run_on_rank_zero(lambda: record(execute()), what)
-    else:  # every rank runs the stage (its trainers sync them); rank 0 keeps the books
-        result = execute()
-        run_on_rank_zero(lambda: record(result), what)
+    # Every rank runs the stage (its trainers or its shards, src/pipeline/sharding.py, sync
+    # them); rank 0 keeps the books.
+    result = execute()
+    run_on_rank_zero(lambda: record(result), f"round {round_idx}: {stage.name}")
     return True
 
 

@@ -58,23 +58,29 @@ def _several_ranks() -> bool:
 @contextmanager
 def ranks_settle(what: str) -> Iterator[None]:
     """A barrier that cannot hang on a failed rank, after a block that holds no collective:
-    every rank runs the block, then all of them learn which ranks failed in it.
+    every rank runs the block, then all of them learn which ranks failed in it, and with what.
 
-    A rank whose block raised logs the error with its traceback and re-raises it (marked, see
-    `error_shown`); the others raise RankFailed. No-op in a single process. The block must not
-    itself wait on other ranks: a rank failing inside a collective is Lightning's to handle."""
+    A rank whose block raised re-raises its error, marked as shown (see `error_shown`), after
+    logging it with its traceback, unless a lower rank failed with the same message (a bad
+    setting fails every rank alike): then it logs one line naming that rank. The others raise
+    RankFailed. No-op in a single process. The block must not itself wait on other ranks: a
+    rank failing inside a collective is Lightning's to handle."""
     if not _several_ranks():
         yield
         return
     try:
         yield
     except Exception as error:
-        log.error("rank %d failed in %s", dist.get_rank(), what, exc_info=error)
+        rank, message = dist.get_rank(), f"{type(error).__name__}: {error}"
+        same = [r for r, m in enumerate(_rank_errors(message)) if m == message and r < rank]
+        if same:
+            log.error("rank %d failed in %s with the same error as rank %d", rank, what, same[0])
+        else:
+            log.error("rank %d failed in %s", rank, what, exc_info=error)
         with suppress(AttributeError):  # an exception type that takes no attributes
             error._shown_by_rank = True  # type: ignore[attr-defined]
-        _failed_ranks(True)
         raise
-    failed = _failed_ranks(False)
+    failed = [rank for rank, message in enumerate(_rank_errors(None)) if message is not None]
     if failed:
         raise RankFailed(f"rank {failed[0]} failed in {what}; see its error")
 
@@ -89,15 +95,33 @@ def run_on_rank_zero(fn: Callable[[], T], what: str) -> T | None:
     return result
 
 
-def _failed_ranks(failed: bool) -> list[int]:
-    flags: list = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, failed)  # the barrier itself; objects work under NCCL too
-    return [rank for rank, flag in enumerate(flags) if flag]
+def _rank_errors(message: str | None) -> list[str | None]:
+    """Every rank's error message (None: no error), by rank."""
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)  # the barrier itself; objects work under NCCL too
+    return messages
 
 
 def error_shown(error: BaseException) -> bool:
     """True for an error its rank already logged in full (in a `ranks_settle` block)."""
     return getattr(error, "_shown_by_rank", False) is True
+
+
+def start_ranks(cfg: DictConfig) -> None:
+    """Start the configured ranks now if no trainer of this invocation has yet, so a sharded
+    stage that runs first (a resume, a forced evaluation) is shared too. Lightning's launcher
+    re-runs the command for ranks 1..; they replay the driver, skip the finished stages and join
+    here. A later trainer finds the process group up and starts nothing more."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    trainer_cfg = cfg.trainer
+    if trainer_cfg.get("devices", 1) == 1 and trainer_cfg.get("num_nodes", 1) == 1:
+        return
+    trainer = instantiate(
+        trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    if trainer.world_size > 1:
+        trainer.strategy.launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
 
 
 def end_distributed() -> None:
@@ -183,8 +207,9 @@ def log_metrics(loggers: list[Logger], metrics: dict, step: int = 0) -> None:
         lg.log_metrics(flat, step=step)
 
 
-def log_figure(loggers: list[Logger], key: str, path: Path) -> None:
-    """Send a saved PNG to the loggers that show images (CSV keeps only the file)."""
+def log_figure(loggers: list[Logger], key: str, path: Path | None) -> None:
+    """Send a saved PNG to the loggers that show images (CSV keeps only the file). Ranks other
+    than 0 have no loggers and no figure (None)."""
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             lg.log_image(key=key, images=[str(path)])

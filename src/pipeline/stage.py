@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from src.pipeline.runtime import ranks_settle
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,11 @@ class StageContext:
     previous: dict[str, Path] = field(default_factory=dict)
     # The optimizer step the training of this attempt starts from (set by checkpoint_to_resume).
     resumed_from_step: int = field(default=0, init=False)
+
+    def settle(self):
+        """Wraps a sharded stage's per-rank work (src/pipeline/sharding.py): every rank leaves
+        it together, and a rank failing in it ends them all, its error shown once."""
+        return ranks_settle(f"round {self.round}: {self.name}")
 
     def checkpoint_to_resume(self) -> str | None:
         """Lightning's last.ckpt of an interrupted attempt at this same stage config, if any.
@@ -104,4 +111,3 @@ class Stage:
     # matter then (so round 0 stays shared between CONTA variants).
     previous_inputs: tuple[str, ...] = ()
     round_keys: tuple[str, ...] = ()
-    rank_zero_only: bool = False  # numpy-only steps: rank 0 works, the others wait

@@ -258,3 +258,21 @@ def test_runs_that_name_no_method_are_left_out(tmp_path):
     write_run(tmp_path / "bound" / "seed_0", None, False, 0, {"0": {"seg_miou": 0.9}})
     blocks = build_table(gather_runs([tmp_path]))
     assert [b.method for b in blocks] == ["irnet", "seam"]
+
+
+def test_a_crf_scored_on_a_subset_is_marked_and_explained(tmp_path):
+    """A run whose Seg+CRF came from `segmenter.crf_images` marks that cell; runs that scored
+    every image leave the table as it was."""
+    sweep = make_sweep(tmp_path, methods=("irnet",), arms=(False,))
+    assert "‡" not in render_markdown(build_table(gather_runs([sweep])))
+    run = tmp_path / "runs" / "irnet_False" / "seed_1" / "results.json"
+    results = json.loads(run.read_text())
+    results["rounds"]["0"] |= {"seg_crf_images": 5000, "seg_crf_split_images": 40504}
+    run.write_text(json.dumps(results))
+    text = render_markdown(build_table(gather_runs([sweep])))
+    assert "| 60.0 ± 2.0‡ |" in text
+    assert "‡: Seg+CRF scored on a fixed subset of the val images" in text
+    results["rounds"]["0"]["seg_crf_images"] = 50000  # more than the split holds
+    run.write_text(json.dumps(results))
+    with pytest.raises(Table2Error, match="seg_crf_images / seg_crf_split_images are 50000"):
+        gather_runs([sweep])

@@ -95,6 +95,29 @@ def test_one_round_under_ddp_cpu(tmp_path):
         assert 0 <= row[key] <= 1
 
 
+def test_sharded_cpu_stages_match_a_single_process_run(tmp_path):
+    """eval_cams and make_ir_labels, first to run in a DDP invocation (no trainer has started
+    the second rank): the ranks start, each does half the images, and the summed scores and
+    the label files equal those of one process."""
+    stages = "stages=[train_cam,make_cams,eval_cams,make_ir_labels]"
+    single = run(tmp_path, stages)
+    rdir = round_dir(tmp_path)
+    labels = {p.name: p.read_bytes() for p in (rdir / "make_ir_labels/ir_labels").glob("*.png")}
+    for stage in ("eval_cams", "make_ir_labels"):
+        (rdir / stage / "DONE.json").unlink()
+    done, _, _ = launch(tmp_path, stages, "trainer=ddp_cpu")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert out.count("make_ir_labels: 12 of 24 images here, 1 workers") == 2, out[-4000:]
+    ddp = json.loads((rdir.parent / "results.json").read_text())["rounds"]["0"]
+    assert ddp["cam_miou"] == pytest.approx(single["cam_miou"], abs=1e-12)
+    assert ddp["cam_sweep"] == pytest.approx(single["cam_sweep"], abs=1e-12)
+    done_ir = json.loads((rdir / "make_ir_labels/DONE.json").read_text())["metrics"]
+    assert done_ir["resume"]["computed"] == 24, done_ir
+    again = {p.name: p.read_bytes() for p in (rdir / "make_ir_labels/ir_labels").glob("*.png")}
+    assert again == labels and len(labels) == 24
+
+
 @pytest.mark.slow
 def test_sharded_inference_matches_a_single_process_run(tmp_path):
     """The same trained weights: every inference stage redone on 2 ranks (sharded predictions,
@@ -116,10 +139,10 @@ def test_sharded_inference_matches_a_single_process_run(tmp_path):
         np.testing.assert_array_equal(a["codes"], b["codes"])
 
 
-def test_a_rank_zero_stage_failing_ends_every_rank(tmp_path):
-    """eval_cams (rank 0 only; train_cam has started the second rank) meets a sweep threshold it
-    cannot read: both ranks end promptly and non-zero; rank 0 shows the error, once, and the
-    other rank says in one line where rank 0 failed."""
+def test_a_sharded_stage_failing_ends_every_rank(tmp_path):
+    """eval_cams (sharded; train_cam has started the second rank) meets a sweep threshold it
+    cannot read, on both ranks alike: both end promptly and non-zero; rank 0 shows the error,
+    once, and the other rank says in one line that it failed the same way."""
     done, seconds, ended = launch(
         tmp_path,
         "trainer=ddp_cpu",
@@ -136,7 +159,8 @@ def test_a_rank_zero_stage_failing_ends_every_rank(tmp_path):
     assert done.returncode != 0, out[-4000:]
     assert out.count("could not convert string to float: 'high'") == 1, out[-6000:]
     assert out.count("Traceback (most recent call last)") == 1, out[-6000:]
-    assert out.count("rank 0 failed in round 0: eval_cams; see its error") == 1, out[-4000:]
+    same = "rank 1 failed in round 0: eval_cams with the same error as rank 0"
+    assert out.count(same) == 1, out[-4000:]
     assert "Connection closed" not in out
     rdir = round_dir(tmp_path)
     assert (rdir / "make_cams/DONE.json").is_file()
@@ -184,11 +208,18 @@ def settle(rank, failing):
             raise ValueError("boom")
 
 
+def both_fail(rank, alike):
+    with ranks_settle("both"):
+        raise ValueError("boom" if alike else f"boom on {rank}")
+
+
 def worker(rank, port, out):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
     )
     seen = {f"{failing} fails": outcome(lambda: settle(rank, failing)) for failing in (0, 1, 2)}
+    seen["both fail alike"] = outcome(lambda: both_fail(rank, True))
+    seen["both fail apart"] = outcome(lambda: both_fail(rank, False))
     seen["on rank 0, fails"] = outcome(lambda: run_on_rank_zero(lambda: 1 / 0, "division"))
     seen["on rank 0"] = outcome(lambda: run_on_rank_zero(lambda: 42, "answer"))
     dist.destroy_process_group()
@@ -209,7 +240,8 @@ def free_port() -> int:
 
 def test_ranks_settle_on_two_gloo_ranks(tmp_path):
     """Either rank failing in a settled block: it re-raises its own error (already logged), the
-    other gets RankFailed naming it; nobody waits on the failed rank."""
+    other gets RankFailed naming it; nobody waits on the failed rank. Both failing: each
+    re-raises its own, and an error already shown by a lower rank is not shown again."""
     script = tmp_path / "settle.py"
     script.write_text(SETTLE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -225,8 +257,11 @@ def test_ranks_settle_on_two_gloo_ranks(tmp_path):
     assert seen[0]["on rank 0, fails"] == "own ZeroDivisionError, shown=True"
     assert seen[1]["on rank 0, fails"] == "RankFailed: rank 0 failed in division; see its error"
     assert (seen[0]["on rank 0"], seen[1]["on rank 0"]) == ("ok 42", "ok None")
-    # Each failure logged once, by its own rank.
-    assert done.stderr.count("Traceback (most recent call last)") == 3, done.stderr[-4000:]
+    for case in ("both fail alike", "both fail apart"):
+        assert seen[0][case] == seen[1][case] == own
+    # Each failure logged once, by its own rank; one repeated on a later rank, in one line.
+    assert done.stderr.count("Traceback (most recent call last)") == 6, done.stderr[-4000:]
+    assert done.stderr.count("rank 1 failed in both with the same error as rank 0") == 1
 
 
 WATCHED_CHILD = textwrap.dedent(

@@ -142,7 +142,6 @@ STAGES: dict[str, Stage] = {
             eval_cams,
             (*_EVAL_IMAGES, "data.class_names", "cam.eval", "figure_images"),
             inputs=("cams",),
-            rank_zero_only=True,
         ),
         Stage(
             "make_ir_labels",
@@ -150,7 +149,6 @@ STAGES: dict[str, Stage] = {
             _IR_LABELS,
             produces="affinity_labels",
             inputs=("cams",),
-            rank_zero_only=True,
         ),
         Stage(
             "train_affinity",
@@ -172,7 +170,6 @@ STAGES: dict[str, Stage] = {
             (*_EVAL_IMAGES, "data.class_names", "figure_images"),
             inputs=("pseudo_masks",),
             optional_inputs=("affinity_labels",),  # IRNet/PSA: their labels are scored too
-            rank_zero_only=True,
         ),
         Stage(
             "train_segmenter",
@@ -199,14 +196,18 @@ STAGES: dict[str, Stage] = {
             eval_segmenter,
             (*_VAL_IMAGES, "data.class_names", "figure_images"),
             inputs=("segmentation",),
-            rank_zero_only=True,
         ),
         Stage(
             "crf_segmenter",
             crf_segmenter,
-            (*_VAL_IMAGES, "data.class_names", "segmenter.crf", "figure_images"),
+            (
+                *_VAL_IMAGES,
+                "data.class_names",
+                "segmenter.crf",
+                "segmenter.crf_images",
+                "figure_images",
+            ),
             inputs=("segmentation",),
-            rank_zero_only=True,
         ),
         Stage(
             CONFOUNDER_STAGE,

@@ -23,7 +23,14 @@ from src.models.context import context_generator
 from src.models.optim import momentum_of
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import barrier, build_trainer, is_global_zero, log_figure
+from src.pipeline.runtime import (
+    barrier,
+    build_trainer,
+    is_global_zero,
+    log_figure,
+    run_on_rank_zero,
+)
+from src.pipeline.sharding import metric_group, my_share
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.context import (
     FRAME_TARGETS,
@@ -292,50 +299,57 @@ def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
 
 
 def eval_cams(ctx: StageContext) -> StageResult:
-    """CAM mIoU on the evaluation split with a background-threshold sweep, errors and leakage."""
+    """CAM mIoU on the evaluation split with a background-threshold sweep, errors and leakage;
+    sharded over the ranks (each scores its share, the confusion counts are summed)."""
     cfg = ctx.cfg
     cam_dir = ctx.inputs["cams"] / CAM_DIR
-    dataset = build_dataset(cfg.data, cfg.data.eval_split)
-    thresholds = [float(t) for t in cfg.cam.eval.sweep]
-    sweep = ThresholdSweep(
-        thresholds,
-        num_classes=cfg.data.num_classes,
-        class_names=list(dataset.class_names),
-        configured_threshold=cfg.cam.eval.bg_threshold,
-        context_names=_context_names(dataset),
-        sync_on_compute=False,  # scored on rank 0 alone; a sync would wait for idle ranks
-    )
-    figure_rows = []
-    for i, image_id in enumerate(dataset.ids):
-        cam = load_cam(cam_dir, image_id)
-        high_res = cam["high_res"].astype(np.float32)
-        mask = dataset.load_mask(i)
-        if high_res.shape[1:] != mask.shape:
-            raise MissingArtifactError(
-                f"CAM {cam_dir / image_id}.npz has size {high_res.shape[1:]} but the mask is "
-                f"{mask.shape}: the CAMs come from another data set; re-run make_cams"
-            )
-        context = dataset.load_context(i)
-        sweep.update(high_res, cam["keys"], mask, context)
-        if len(figure_rows) < cfg.figure_images:
-            figure_rows.append(
+    with ctx.settle():
+        dataset = build_dataset(cfg.data, cfg.data.eval_split)
+        sweep = ThresholdSweep(
+            [float(t) for t in cfg.cam.eval.sweep],
+            num_classes=cfg.data.num_classes,
+            class_names=list(dataset.class_names),
+            configured_threshold=cfg.cam.eval.bg_threshold,
+            context_names=_context_names(dataset),
+            process_group=metric_group(),
+        )
+        for i in my_share(range(len(dataset))):
+            high_res, keys, mask = _scored_cam(dataset, cam_dir, i)
+            sweep.update(high_res, keys, mask, dataset.load_context(i))
+    summary = sweep.compute()  # sums every rank's counts
+
+    def figure() -> Path:
+        rows = []
+        for i in range(min(cfg.figure_images, len(dataset))):
+            high_res, keys, mask = _scored_cam(dataset, cam_dir, i)
+            rows.append(
                 {
                     "image": dataset.load_image(i),
                     "CAM": high_res.max(axis=0) if len(high_res) else np.zeros(mask.shape),
-                    "CAM label": cam_to_label(high_res, cam["keys"], cfg.cam.eval.bg_threshold),
+                    "CAM label": cam_to_label(high_res, keys, cfg.cam.eval.bg_threshold),
                     "GT": mask,
                 }
             )
-    summary = sweep.compute()
-    figure = overlay_grid(
-        figure_rows,
-        list(dataset.class_names),
-        ctx.dir / "cams.png",
-        title=f"round {ctx.round}: CAMs",
-    )
-    log_figure(ctx.loggers, "cam/overlays", figure)
+        title = f"round {ctx.round}: CAMs"
+        return overlay_grid(rows, list(dataset.class_names), ctx.dir / "cams.png", title=title)
+
+    log_figure(ctx.loggers, "cam/overlays", run_on_rank_zero(figure, f"{ctx.name}: figure"))
     results = _cam_results(summary)
     return StageResult(metrics=results, artifacts=["cams.png"], results=results, prefix="cam")
+
+
+def _scored_cam(dataset, cam_dir: Path, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image i's full-resolution CAMs, their class keys and its ground-truth mask."""
+    image_id = dataset.ids[i]
+    cam = load_cam(cam_dir, image_id)
+    high_res = cam["high_res"].astype(np.float32)
+    mask = dataset.load_mask(i)
+    if high_res.shape[1:] != mask.shape:
+        raise MissingArtifactError(
+            f"CAM {cam_dir / image_id}.npz has size {high_res.shape[1:]} but the mask is "
+            f"{mask.shape}: the CAMs come from another data set; re-run make_cams"
+        )
+    return high_res, cam["keys"], mask
 
 
 def _context_names(dataset) -> list[str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from src.evaluation.metrics import SegmentationMetric
 from src.models.optim import momentum_of
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import barrier, build_trainer, log_figure
+from src.pipeline.runtime import barrier, build_trainer, log_figure, run_on_rank_zero
+from src.pipeline.sharding import metric_group, my_share, run_image_jobs, sum_over_ranks
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone, read_weights
-from src.postprocess.crf import CRFParams, make_ir_label, run_parallel
+from src.postprocess.crf import CRFParams, make_ir_label
 from src.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -62,44 +64,64 @@ def _ir_label_job(job: tuple, *, fg: float, bg: float, crf: CRFParams, out_dir: 
 
 
 def make_ir_labels(ctx: StageContext) -> StageResult:
-    """Confident foreground/background from the CAMs, each refined by a dense CRF (process pool)."""
+    """Confident foreground/background from the CAMs, each refined by a dense CRF; sharded over
+    the ranks, each with its share of the node's process pool."""
     cfg = ctx.cfg
-    dataset = build_dataset(cfg.data, cfg.data.train_split)
+    opts = cfg.affinity.ir_label
+    with ctx.settle():
+        dataset = build_dataset(cfg.data, cfg.data.train_split)
+        crf = CRFParams.from_config(opts.crf, "affinity.ir_label.crf")
+    return write_labels_from_cams(
+        ctx,
+        dataset,
+        IR_LABEL_DIR,
+        partial(
+            _ir_label_job,
+            fg=opts.fg_threshold,
+            bg=opts.bg_threshold,
+            crf=crf,
+            out_dir=ctx.dir / IR_LABEL_DIR,
+        ),
+        opts.workers,
+    )
+
+
+def write_labels_from_cams(
+    ctx: StageContext, dataset, folder: str, job: Callable[[tuple], None], node_workers: int
+) -> StageResult:
+    """A label PNG per training image from its CAMs by `job((id, image path, CAM folder))`,
+    sharded; its metrics: the shares of background, foreground and unsure pixels."""
     cam_dir = ctx.inputs["cams"] / CAM_DIR
-    out_dir = ctx.dir / IR_LABEL_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = _missing(out_dir, dataset.ids, ".png")
-    jobs = [(dataset.ids[i], dataset.image_paths[i], cam_dir) for i in todo]
-    job = partial(
-        _ir_label_job,
-        fg=cfg.affinity.ir_label.fg_threshold,
-        bg=cfg.affinity.ir_label.bg_threshold,
-        crf=CRFParams.from_config(cfg.affinity.ir_label.crf, "affinity.ir_label.crf"),
-        out_dir=out_dir,
+    out_dir = ctx.dir / folder
+    todo = run_image_jobs(
+        ctx,
+        dataset.ids,
+        (out_dir, ".png"),
+        lambda i: (dataset.ids[i], dataset.image_paths[i], cam_dir),
+        job,
+        node_workers,
     )
-    log.info(
-        "make_ir_labels: %d of %d images, %d workers",
-        len(jobs),
-        len(dataset),
-        cfg.affinity.ir_label.workers,
-    )
-    run_parallel(job, jobs, workers=cfg.affinity.ir_label.workers)
-    stats = label_stats(out_dir, dataset.ids)
+    with ctx.settle():
+        counts = label_counts(out_dir, my_share(dataset.ids))
+    stats = label_shares(sum_over_ranks(counts))  # also the barrier before DONE.json
     stats["resume"] = resume_counts(dataset.ids, todo, (out_dir, ".png"))
-    return StageResult(metrics=stats, artifacts=[IR_LABEL_DIR])
+    return StageResult(metrics=stats, artifacts=[folder])
 
 
-def label_stats(out_dir: Path, ids: list[str]) -> dict:
-    """Share of confident foreground, background and unsure pixels over the IR labels."""
+def label_counts(out_dir: Path, ids: list[str]) -> np.ndarray:
+    """Background, confident foreground and unsure pixels over these images' IR labels."""
     counts = np.zeros(3, dtype=np.int64)
     for image_id in ids:
         label = read_label_png(out_dir / f"{image_id}.png")
         counts += [(label == 0).sum(), ((label > 0) & (label < 255)).sum(), (label == 255).sum()]
+    return counts
+
+
+def label_shares(counts: np.ndarray) -> dict:
     share = counts / max(1, counts.sum())
     return {"background": share[0], "foreground": share[1], "unsure": share[2]}
 
 
-# -- affinity network -----------------------------------------------------------------------
 def build_affinity_module(cfg: DictConfig, classifier_dir: Path | None) -> L.LightningModule:
     """The method's affinity module from `affinity.net` / `affinity.module` / `optimizer` /
     `scheduler` (IRNet's AffinityNet, PSA's PSAAffinityNet). The backbone is cfg.backbone with
@@ -232,43 +254,62 @@ def make_pseudo_masks(ctx: StageContext) -> StageResult:
 
 # -- evaluation -----------------------------------------------------------------------------
 def evaluate_label_dirs(
-    cfg: DictConfig, split: str, label_dirs: dict[str, Path], figure_path: Path, title: str
-) -> tuple[dict[str, dict], Path]:
-    """mIoU + error decomposition (+ context leakage) of each folder of label PNGs vs ground truth.
+    ctx: StageContext,
+    split: str,
+    label_dirs: dict[str, Path],
+    figure_path: Path,
+    title: str,
+    indices: list[int] | None = None,
+) -> tuple[dict[str, dict], Path | None]:
+    """mIoU + error decomposition (+ context leakage) of each folder of label PNGs vs ground truth,
+    over the split's images (or those `indices` of it).
 
-    All folders are scored in one pass; the figure shows them side by side for the same images.
+    All folders are scored in one pass, sharded over the ranks (the confusion counts are summed);
+    rank 0's figure (None elsewhere) shows them side by side for the first images.
     """
-    dataset = build_dataset(cfg.data, split)
-    context_names = list(getattr(dataset, "context_names", None) or []) or None
-    metrics = {
-        # Scored on rank 0 alone: no cross-rank sync (it would wait for ranks that are idle).
-        name: SegmentationMetric(
-            cfg.data.num_classes,
-            list(dataset.class_names),
-            context_names=context_names,
-            sync_on_compute=False,
-        )
-        for name in label_dirs
-    }
-    rows = []
-    for i, image_id in enumerate(dataset.ids):
-        mask, context = dataset.load_mask(i), dataset.load_context(i)
-        row = {"image": dataset.load_image(i)} if len(rows) < cfg.figure_images else None
-        for name, folder in label_dirs.items():
-            path = folder / f"{image_id}.png"
-            if not path.is_file():
-                raise MissingArtifactError(f"{path} missing for image {image_id!r}")
-            pred = read_label_png(path)
-            if pred.shape != mask.shape:
-                raise MissingArtifactError(f"{path} is {pred.shape}, ground truth {mask.shape}")
-            metrics[name].update(np.where(pred == 255, 0, pred), mask, context)
-            if row is not None:
-                row[name] = pred
-        if row is not None:
-            row["GT"] = mask
-            rows.append(row)
-    figure = overlay_grid(rows, list(dataset.class_names), figure_path, title=title)
-    return {name: m.compute() for name, m in metrics.items()}, figure
+    cfg = ctx.cfg
+    with ctx.settle():
+        dataset = build_dataset(cfg.data, split)
+        context_names = list(getattr(dataset, "context_names", None) or []) or None
+        metrics = {
+            name: SegmentationMetric(
+                cfg.data.num_classes,
+                list(dataset.class_names),
+                context_names=context_names,
+                process_group=metric_group(),
+            )
+            for name in label_dirs
+        }
+        scored = list(range(len(dataset))) if indices is None else indices
+        for i in my_share(scored):
+            mask, context = dataset.load_mask(i), dataset.load_context(i)
+            for name, folder in label_dirs.items():
+                pred = _predicted_label(folder, dataset.ids[i], mask.shape)
+                metrics[name].update(np.where(pred == 255, 0, pred), mask, context)
+    scores = {name: m.compute() for name, m in metrics.items()}  # sums every rank's counts
+
+    def figure() -> Path:
+        rows = []
+        for i in scored[: cfg.figure_images]:
+            mask = dataset.load_mask(i)
+            row = {"image": dataset.load_image(i)}
+            row |= {
+                n: _predicted_label(f, dataset.ids[i], mask.shape) for n, f in label_dirs.items()
+            }
+            rows.append({**row, "GT": mask})
+        return overlay_grid(rows, list(dataset.class_names), figure_path, title=title)
+
+    return scores, run_on_rank_zero(figure, f"{ctx.name}: figure")
+
+
+def _predicted_label(folder: Path, image_id: str, shape: tuple[int, ...]) -> np.ndarray:
+    path = folder / f"{image_id}.png"
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} missing for image {image_id!r}")
+    pred = read_label_png(path)
+    if pred.shape != shape:
+        raise MissingArtifactError(f"{path} is {pred.shape}, ground truth {shape}")
+    return pred
 
 
 def eval_pseudo(ctx: StageContext) -> StageResult:
@@ -277,7 +318,7 @@ def eval_pseudo(ctx: StageContext) -> StageResult:
     if "affinity_labels" in ctx.inputs:  # IRNet / PSA: the affinity net's labels, side by side
         dirs = {"IR label": ctx.inputs["affinity_labels"] / IR_LABEL_DIR, **dirs}
     scores, figure = evaluate_label_dirs(
-        cfg,
+        ctx,
         cfg.data.eval_split,
         dirs,
         ctx.dir / "pseudo_masks.png",

@@ -33,10 +33,10 @@ from src.pipeline.stages.irnet import (
     build_affinity_module,
     collate_with_cams,
     fit_on_affinity_labels,
-    label_stats,
+    write_labels_from_cams,
 )
 from src.pipeline.stages.keys import CAM_NET, NORMALISED, TORCH, TRAIN_IMAGES
-from src.postprocess.crf import CRFParams, run_parallel
+from src.postprocess.crf import CRFParams
 from src.postprocess.psa_labels import make_psa_label, walk_input
 
 log = logging.getLogger(__name__)
@@ -70,28 +70,21 @@ def _psa_label_job(
 
 
 def make_psa_labels(ctx: StageContext) -> StageResult:
-    """Confident fg (low-α CRF) / bg (high-α CRF) / unsure labels from the CAMs (process pool)."""
+    """Confident fg (low-α CRF) / bg (high-α CRF) / unsure labels from the CAMs; sharded over
+    the ranks, each with its share of the node's process pool."""
     cfg = ctx.cfg
     opts = cfg.affinity.psa_label
-    dataset = build_dataset(cfg.data, cfg.data.train_split)
-    cam_dir = ctx.inputs["cams"] / CAM_DIR
-    out_dir = ctx.dir / LABEL_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Resume: labels an interrupted attempt wrote are complete (atomic writes) and kept.
-    todo = missing_items(dataset.ids, (out_dir, ".png"))
-    jobs = [(dataset.ids[i], dataset.image_paths[i], cam_dir) for i in todo]
+    with ctx.settle():
+        dataset = build_dataset(cfg.data, cfg.data.train_split)
+        crf = CRFParams.from_config(opts.crf, "affinity.psa_label.crf")
     job = partial(
         _psa_label_job,
         low_alpha=opts.low_alpha,
         high_alpha=opts.high_alpha,
-        crf=CRFParams.from_config(opts.crf, "affinity.psa_label.crf"),
-        out_dir=out_dir,
+        crf=crf,
+        out_dir=ctx.dir / LABEL_DIR,
     )
-    log.info("make_psa_labels: %d of %d images, %d workers", len(jobs), len(dataset), opts.workers)
-    run_parallel(job, jobs, workers=opts.workers)
-    stats = label_stats(out_dir, dataset.ids)
-    stats["resume"] = resume_counts(dataset.ids, todo, (out_dir, ".png"))
-    return StageResult(metrics=stats, artifacts=[LABEL_DIR])
+    return write_labels_from_cams(ctx, dataset, LABEL_DIR, job, opts.workers)
 
 
 # -- the affinity network ---------------------------------------------------------------------
@@ -219,7 +212,6 @@ PSA_STAGES = [
         _PSA_LABELS,
         produces="affinity_labels",
         inputs=("cams",),
-        rank_zero_only=True,
     ),
     Stage(
         "train_psa_affinity",

@@ -21,7 +21,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
@@ -38,7 +37,8 @@ from src.models.cam import strided_size
 from src.models.seeded_module import SeededModule, upsample_probs
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import barrier, build_trainer, global_rank, log_figure, ranks_settle
+from src.pipeline.runtime import barrier, build_trainer, global_rank, log_figure
+from src.pipeline.sharding import my_share, run_image_jobs
 from src.pipeline.stage import Stage, StageContext, StageResult
 from src.pipeline.stages.cam import (
     CAM_DIR,
@@ -50,7 +50,7 @@ from src.pipeline.stages.cam import (
 from src.pipeline.stages.context import classifier_inference_set, previous_confounders
 from src.pipeline.stages.irnet import MASK_DIR
 from src.pipeline.stages.keys import CAM_NET, CONTA_CLASSIFIER, NORMALISED, TORCH, TRAIN_IMAGES
-from src.postprocess.crf import CRFParams, crf_probs, run_parallel
+from src.postprocess.crf import CRFParams, crf_probs
 from src.postprocess.cues import (
     CueStats,
     assemble_cues,
@@ -77,13 +77,6 @@ def cue_grid(cfg: DictConfig) -> tuple[int, int]:
     return strided_size((size, size), OUTPUT_STRIDE)
 
 
-def _shard(todo: list[int]) -> list[int]:
-    """This rank's share of the items (all of them in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        return todo[dist.get_rank() :: dist.get_world_size()]
-    return todo
-
-
 def _class_ids(label: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(label) > 0.5) + 1
 
@@ -99,8 +92,8 @@ def make_cues(ctx: StageContext) -> StageResult:
     todo = missing_items(dataset.ids, (out_dir, ".npz"))
     barrier()  # every rank has listed the same todo before any rank writes
     log.info("make_cues: %d of %d images, grid %s", len(todo), len(dataset), grid)
-    with ranks_settle("make_cues"):
-        for i in _shard(todo):
+    with ctx.settle():
+        for i in my_share(todo):
             sample = dataset[i]
             cam = load_cam(cam_dir, sample["id"])
             fg = foreground_cues(
@@ -319,20 +312,19 @@ def make_seeded_masks(ctx: StageContext) -> StageResult:
         )
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     barrier()
-    # The CRF (pydensecrf, CPU) per image over a process pool, each rank on its own share.
-    params = CRFParams.from_config(
-        OmegaConf.to_container(sd.test_crf, resolve=True), "seeded.test_crf"
+    # The CRF (pydensecrf, CPU) per image, sharded over the ranks and their process pools.
+    with ctx.settle():
+        params = CRFParams.from_config(
+            OmegaConf.to_container(sd.test_crf, resolve=True), "seeded.test_crf"
+        )
+    crf_todo = run_image_jobs(
+        ctx,
+        dataset.ids,
+        (out_dir, ".png"),
+        lambda i: (dataset.ids[i], dataset.image_paths[i], probs_dir / f"{dataset.ids[i]}.npz"),
+        partial(_crf_mask_job, params=params, out_dir=out_dir),
+        sd.crf_workers,
     )
-    crf_todo = missing_items(dataset.ids, (out_dir, ".png"))
-    barrier()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (dataset.ids[i], dataset.image_paths[i], probs_dir / f"{dataset.ids[i]}.npz")
-        for i in _shard(crf_todo)
-    ]
-    with ranks_settle("make_seeded_masks"):
-        run_parallel(partial(_crf_mask_job, params=params, out_dir=out_dir), jobs, sd.crf_workers)
-    barrier()
     resume = resume_counts(dataset.ids, crf_todo, (out_dir, ".png"))
     return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,16 +30,18 @@ from src.models.deeplab import (
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
 from src.pipeline.runtime import barrier, build_trainer, log_figure
+from src.pipeline.sharding import run_image_jobs
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import load_classifier_backbone
 from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
-from src.postprocess.crf import CRFParams, crf_refine_logits, run_parallel
+from src.postprocess.crf import CRFParams, crf_refine_logits
 from src.postprocess.logits_store import decode_logits
 from src.utils.untrusted import Source, read_npz
 
 log = logging.getLogger(__name__)
 SEGMENTER_WEIGHTS = "segmenter.pt"
 LOGITS_DIR = "logits"
+WITHOUT_CRF = "segmenter"  # crf_segmenter's second folder: the masks before the CRF
 LABEL_SOURCES = ("pseudo", "gt")
 
 
@@ -238,10 +241,21 @@ def predict_segmenter(ctx: StageContext) -> StageResult:
     )
 
 
-def _score(ctx: StageContext, folder: Path, name: str, prefix: str, title: str) -> StageResult:
+def _score(
+    ctx: StageContext,
+    folder: Path,
+    name: str,
+    prefix: str,
+    title: str,
+    indices: list[int] | None = None,
+    without_crf: Path | None = None,
+) -> StageResult:
+    """The `prefix` results row of the label PNGs in `folder` on the val split (or its images
+    `indices`), with the masks `without_crf` scored on the same images alongside."""
     cfg = ctx.cfg
+    dirs = {name: folder} | ({WITHOUT_CRF: without_crf} if without_crf is not None else {})
     scores, figure = evaluate_label_dirs(
-        cfg, cfg.data.val_split, {name: folder}, ctx.dir / f"{prefix}.png", title=title
+        ctx, cfg.data.val_split, dirs, ctx.dir / f"{prefix}.png", title=title, indices=indices
     )
     log_figure(ctx.loggers, f"{prefix}/overlays", figure)
     s = scores[name]
@@ -252,7 +266,9 @@ def _score(ctx: StageContext, folder: Path, name: str, prefix: str, title: str) 
         "split": cfg.data.val_split,
         **({"context_leakage": s["context_leakage"]} if "context_leakage" in s else {}),
     }
-    return StageResult(metrics=results, artifacts=[figure.name], results=results, prefix=prefix)
+    if without_crf is not None:
+        results["without_crf_miou"] = scores[WITHOUT_CRF]["miou"]
+    return StageResult(metrics=results, artifacts=[f"{prefix}.png"], results=results, prefix=prefix)
 
 
 def eval_segmenter(ctx: StageContext) -> StageResult:
@@ -281,31 +297,63 @@ def _crf_job(job: tuple, *, params: CRFParams, out_dir: Path, num_classes: int) 
     save_label_png(out_dir / f"{image_id}.png", classes[labels].astype(np.uint8))
 
 
+def crf_subset(num_images: int, crf_images: Any) -> list[int]:
+    """The val images `crf_segmenter` refines and scores: all of them (None), or `crf_images`
+    spread evenly over the split's order, so every run and round uses the same ones."""
+    if crf_images is None:
+        return list(range(num_images))
+    if type(crf_images) is not int or crf_images < 1:
+        raise ValueError(
+            f"segmenter.crf_images={crf_images!r}: expected a positive number of val images, or "
+            "null for all of them"
+        )
+    if crf_images >= num_images:
+        return list(range(num_images))
+    return np.linspace(0, num_images, crf_images, endpoint=False).astype(int).tolist()
+
+
 def crf_segmenter(ctx: StageContext) -> StageResult:
-    """Dense CRF (deeplab-pytorch's parameters) on the saved val logits, over a process pool,
-    then scored like eval_segmenter (the `seg_crf` row)."""
+    """Dense CRF (deeplab-pytorch's parameters) on the saved val logits, sharded over the ranks
+    and their shares of the node's process pool, then scored like eval_segmenter (`seg_crf`).
+    With `segmenter.crf_images` (COCO's budget) on a fixed subset, next to the segmenter's
+    masks without the CRF on the same images (`seg_crf_without_crf_miou`)."""
     cfg = ctx.cfg
-    params = CRFParams.from_config(
-        OmegaConf.to_container(cfg.segmenter.crf, resolve=True), "segmenter.crf"
-    )
-    workers = cfg.segmenter.crf_workers
-    dataset = build_dataset(cfg.data, cfg.data.val_split)
-    logits_dir = ctx.inputs["segmentation"] / LOGITS_DIR
+    with ctx.settle():
+        params = CRFParams.from_config(
+            OmegaConf.to_container(cfg.segmenter.crf, resolve=True), "segmenter.crf"
+        )
+        dataset = build_dataset(cfg.data, cfg.data.val_split)
+        subset = crf_subset(len(dataset), cfg.segmenter.get("crf_images"))
+    segmentation = ctx.inputs["segmentation"]
     out_dir = ctx.dir / MASK_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = _missing_ids(out_dir, dataset.ids, ".png")
-    jobs = [
-        (dataset.ids[i], dataset.image_paths[i], logits_dir / f"{dataset.ids[i]}.npz") for i in todo
-    ]
-    log.info("crf_segmenter: %d of %d images, %d workers", len(jobs), len(dataset), workers)
-    job = partial(_crf_job, params=params, out_dir=out_dir, num_classes=cfg.data.num_classes)
-    run_parallel(job, jobs, workers)
+    ids = [dataset.ids[i] for i in subset]
+    todo = run_image_jobs(
+        ctx,
+        ids,
+        (out_dir, ".png"),
+        lambda j: (
+            ids[j],
+            dataset.image_paths[subset[j]],
+            segmentation / LOGITS_DIR / f"{ids[j]}.npz",
+        ),
+        partial(_crf_job, params=params, out_dir=out_dir, num_classes=cfg.data.num_classes),
+        cfg.segmenter.crf_workers,
+    )
+    partial_set = len(subset) < len(dataset)
     title = f"round {ctx.round}: segmenter + CRF on {cfg.data.val_split}"
-    result = _score(ctx, out_dir, "segmenter + CRF", "seg_crf", title)
+    if partial_set:
+        title += f" ({len(subset)} of {len(dataset)} images)"
+    result = _score(
+        ctx,
+        out_dir,
+        "segmenter + CRF",
+        "seg_crf",
+        title,
+        indices=subset,
+        without_crf=segmentation / MASK_DIR if partial_set else None,
+    )
+    result.results |= {"images": len(subset), "split_images": len(dataset)}
     result.artifacts.append(MASK_DIR)
     # A new dict: result.metrics is also the results row, which keeps no resume counts.
-    result.metrics = {
-        **result.metrics,
-        "resume": resume_counts(dataset.ids, todo, (out_dir, ".png")),
-    }
+    result.metrics = {**result.metrics, "resume": resume_counts(ids, todo, (out_dir, ".png"))}
     return result
