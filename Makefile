@@ -37,7 +37,7 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF, SEC/DSRG step, CAM/logit storage, COCO reader memory
+bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segmenter, random walk, CRF, SEC/DSRG step, CAM/logit storage, COCO reader memory, paper-scale CPU stages and their projection
 	$(PY) bench/cam_stage.py
 	$(PY) bench/segmenter.py
 	$(PY) bench/random_walk.py
@@ -46,6 +46,7 @@ bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segm
 	$(PY) bench/cam_store.py
 	$(PY) bench/logits_store.py
 	$(PY) bench/coco_memory.py
+	$(PY) bench/scale.py
 
 bench-conta: install ## CONTA vs baseline: layout confounder, 5 seeds, rounds 0-1, variants paper / gt C / shuffled m (long)
 	$(PY) bench/conta_vs_baseline.py --confounder layout --jobs 2 --ablations paper gt_c shuffled_m

@@ -39,6 +39,7 @@ from src.pipeline.runtime import (
     run_on_rank_zero,
     start_ranks,
 )
+from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
 from src.pipeline.stages.context import validate_conta
@@ -183,6 +184,7 @@ def _run_stage(
     barrier()
     run_on_rank_zero(lambda: _prepare_stage_dir(sdir, digest), f"preparing {sdir.path}")
     start_ranks(cfg)
+    prepare_shards()
     seed = stage_seed(cfg.seed, stage.name)
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = StageContext(

@@ -5,14 +5,16 @@ timeout of the ranks waiting for it).
 A sharded stage runs on every rank: each takes `my_share` of the images, runs its share of the
 node's CPU pool (`rank_workers`) inside a settle (`StageContext.settle`, so a failing rank ends
 every rank at once), and the partial results are summed afterwards (torchmetrics states over
-`metric_group`, plain counts with `sum_over_ranks`). Only ranks that are up share the work:
-a stage that runs before any trainer of the invocation has started the others runs on rank 0
-alone, which is then the whole world and waits for nobody.
+`metric_group`, plain counts with `sum_over_ranks`). Before each stage the driver starts the
+configured ranks if no trainer has yet (`runtime.start_ranks`: a resume that begins at
+crf_segmenter is shared too) and calls `prepare_shards`, so no collective is first made inside
+a settle.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from src.pipeline.artifacts import missing_items
 from src.postprocess.crf import run_parallel
@@ -53,19 +56,37 @@ def _ranks_on_this_node(world: int) -> int:
     return max(1, hosts.count(socket.gethostname()))
 
 
-def rank_workers(node_workers: int) -> int:
+def rank_workers(node_workers: int | None, key: str) -> int:
     """This rank's share of a process pool sized for the whole node (the configured CRF pools
-    are per node, so 8 ranks on one node do not start 8 full pools); at least one."""
+    are per node, so 8 ranks on one node do not start 8 full pools); at least one. None: every
+    core this process may run on. `key` names the setting in errors."""
+    if node_workers is None:
+        node_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if type(node_workers) is not int or node_workers < 1:
+        raise ValueError(
+            f"{key}={node_workers!r}: expected a number of CRF processes per node (>= 1), or "
+            "null for every core of the node"
+        )
     _, world = _world()
     local = _ranks_on_this_node(world) if world > 1 else 1
-    return max(1, int(node_workers) // local)
+    return max(1, node_workers // local)
 
 
 @cache
 def _cpu_group(world: int):
     # Under NCCL the default group reduces CUDA tensors only; the sums of a CPU stage go over a
-    # gloo group made once (by every rank, at the same point: the first metric of the run).
+    # gloo group, made once by every rank in step (prepare_shards).
     return dist.new_group(backend="gloo")
+
+
+def prepare_shards() -> None:
+    """Make the collectives the helpers below would need inside a settle (the node's rank
+    count, the gloo group under NCCL) while every rank is in step: call it on every rank
+    before a stage, outside any settle, where a failed rank cannot leave the others waiting."""
+    _, world = _world()
+    if world > 1:
+        _ranks_on_this_node(world)
+        metric_group()
 
 
 def metric_group():
@@ -93,18 +114,19 @@ def run_image_jobs(
     out: tuple[Path, str],
     job_of: Callable[[int], tuple],
     fn: Callable[[tuple], None],
-    node_workers: int,
+    workers_key: str,
 ) -> list[int]:
     """`fn(job_of(i))` for every image i whose output file (folder, suffix) is missing, each
-    rank doing its share over its share of the node's process pool. Files an interrupted
-    attempt wrote are complete (atomic writes) and kept. Returns every rank's to-do list."""
+    rank doing its share over its share of the node's process pool (the config key
+    `workers_key`). Files an interrupted attempt wrote are complete (atomic writes) and kept.
+    Returns every rank's to-do list."""
     out_dir, suffix = out
     with ctx.settle():  # every rank lists the same to-do before any rank writes
         out_dir.mkdir(parents=True, exist_ok=True)
         todo = missing_items(ids, (out_dir, suffix))
     with ctx.settle():
         jobs = [job_of(i) for i in my_share(todo)]
-        workers = rank_workers(node_workers)
+        workers = rank_workers(OmegaConf.select(ctx.cfg, workers_key), workers_key)
         log.info("%s: %d of %d images here, %d workers", ctx.name, len(jobs), len(ids), workers)
         run_parallel(fn, jobs, workers)
     return todo

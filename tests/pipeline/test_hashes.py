@@ -142,6 +142,7 @@ TABLE: list[tuple] = [
     ("segmenter.inference.logits_dtype", {"predict_segmenter"}),
     ("segmenter.inference.logits_min_prob", {"predict_segmenter"}),
     ("segmenter.crf.*", {"crf_segmenter"}),
+    ("segmenter.crf_images", {"crf_segmenter"}),
     ("segmenter.*", {"train_segmenter"}),
     ("conta.context", {"confounders"}),  # ... and the classifier, LATER (below)
     ("conta.size", {"confounders"}),

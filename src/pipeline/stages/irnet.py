@@ -82,12 +82,12 @@ def make_ir_labels(ctx: StageContext) -> StageResult:
             crf=crf,
             out_dir=ctx.dir / IR_LABEL_DIR,
         ),
-        opts.workers,
+        "affinity.ir_label.workers",
     )
 
 
 def write_labels_from_cams(
-    ctx: StageContext, dataset, folder: str, job: Callable[[tuple], None], node_workers: int
+    ctx: StageContext, dataset, folder: str, job: Callable[[tuple], None], workers_key: str
 ) -> StageResult:
     """A label PNG per training image from its CAMs by `job((id, image path, CAM folder))`,
     sharded; its metrics: the shares of background, foreground and unsure pixels."""
@@ -99,7 +99,7 @@ def write_labels_from_cams(
         (out_dir, ".png"),
         lambda i: (dataset.ids[i], dataset.image_paths[i], cam_dir),
         job,
-        node_workers,
+        workers_key,
     )
     with ctx.settle():
         counts = label_counts(out_dir, my_share(dataset.ids))

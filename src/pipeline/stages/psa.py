@@ -84,7 +84,7 @@ def make_psa_labels(ctx: StageContext) -> StageResult:
         crf=crf,
         out_dir=ctx.dir / LABEL_DIR,
     )
-    return write_labels_from_cams(ctx, dataset, LABEL_DIR, job, opts.workers)
+    return write_labels_from_cams(ctx, dataset, LABEL_DIR, job, "affinity.psa_label.workers")
 
 
 # -- the affinity network ---------------------------------------------------------------------

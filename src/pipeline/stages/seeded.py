@@ -323,7 +323,7 @@ def make_seeded_masks(ctx: StageContext) -> StageResult:
         (out_dir, ".png"),
         lambda i: (dataset.ids[i], dataset.image_paths[i], probs_dir / f"{dataset.ids[i]}.npz"),
         partial(_crf_mask_job, params=params, out_dir=out_dir),
-        sd.crf_workers,
+        "seeded.crf_workers",
     )
     resume = resume_counts(dataset.ids, crf_todo, (out_dir, ".png"))
     return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])

@@ -337,7 +337,7 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
             segmentation / LOGITS_DIR / f"{ids[j]}.npz",
         ),
         partial(_crf_job, params=params, out_dir=out_dir, num_classes=cfg.data.num_classes),
-        cfg.segmenter.crf_workers,
+        "segmenter.crf_workers",
     )
     partial_set = len(subset) < len(dataset)
     title = f"round {ctx.round}: segmenter + CRF on {cfg.data.val_split}"
