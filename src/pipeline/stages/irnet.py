@@ -122,6 +122,7 @@ def label_shares(counts: np.ndarray) -> dict:
     return {"background": share[0], "foreground": share[1], "unsure": share[2]}
 
 
+# -- affinity network -----------------------------------------------------------------------
 def build_affinity_module(cfg: DictConfig, classifier_dir: Path | None) -> L.LightningModule:
     """The method's affinity module from `affinity.net` / `affinity.module` / `optimizer` /
     `scheduler` (IRNet's AffinityNet, PSA's PSAAffinityNet). The backbone is cfg.backbone with
