@@ -12,6 +12,11 @@ torch.cuda.max_memory_allocated on CUDA.
     python bench/random_walk.py                  # sparse 128, dense 64 (+ sparse 64)
     python bench/random_walk.py --full           # dense at 128 too (slow on CPU)
     python bench/random_walk.py --device cuda --full
+    python bench/random_walk.py --batch 8 [--device cuda]   # make_pseudo_masks' batched walk
+
+With --batch B it times instead the walk as make_pseudo_masks runs it: B VOC-sized grids (a
+500x375 image at stride 4: 94x125) walked one at a time (`random_walk`) and in one pass
+(`random_walk_batch`), images/s of each, their ratio and the largest difference between them.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.postprocess.random_walk import (  # noqa: E402
     pseudo_label_from_rw,
     random_walk,
+    random_walk_batch,
     random_walk_dense,
 )
+
+VOC_GRID = (94, 125)  # a 500x375 image at stride 4
 
 
 def _smooth(noise: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -149,6 +157,48 @@ def compare(sparse: torch.Tensor, dense: torch.Tensor) -> tuple[float, float, fl
     return raw, norm, float(agree)
 
 
+def batched_walk(args: argparse.Namespace) -> None:
+    """Images/s of the walk one image at a time vs in one batched pass, same inputs."""
+    device = torch.device(args.device)
+    h, w = VOC_GRID
+    inputs = [make_inputs(max(h, w), args.classes, args.seed + i) for i in range(args.batch)]
+    cams = [c[:, :h, :w].contiguous().to(device) for c, _ in inputs]
+    boundaries = torch.stack([b[:h, :w] for _, b in inputs]).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(fn) -> tuple[float, list[torch.Tensor]]:
+        best, out = float("inf"), []
+        for _ in range(args.repeat):
+            sync()
+            start = time.perf_counter()
+            out = fn()
+            sync()
+            best = min(best, time.perf_counter() - start)
+        return best, out
+
+    def one() -> list[torch.Tensor]:
+        pairs = zip(cams, boundaries, strict=True)
+        return [random_walk(c, b, exp_times=args.exp_times) for c, b in pairs]
+
+    def batch() -> list[torch.Tensor]:
+        return random_walk_batch(cams, boundaries, exp_times=args.exp_times)
+
+    random_walk_batch(cams[:1], boundaries[:1], exp_times=1)  # warm-up: kernels, path index
+    t_one, rw_one = timed(one)
+    t_batch, rw_batch = timed(batch)
+    diff = max((a - b).abs().max().item() for a, b in zip(rw_one, rw_batch, strict=True))
+    print(
+        f"device={args.device} grid {h}x{w}, {args.classes} classes, 2^{args.exp_times} steps, "
+        f"batch {args.batch}, min of {args.repeat} calls"
+    )
+    print(f"  one at a time: {args.batch / t_one:8.2f} images/s")
+    print(f"  batched:       {args.batch / t_batch:8.2f} images/s  ({t_one / t_batch:.2f}x)")
+    print(f"  max |batched - one at a time|: {diff:.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,11 +211,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="timed calls per run, min reported")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, help="time the batched walk of this many VOC grids")
     p.add_argument("--worker", choices=["sparse", "dense", "dense64"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.batch:
+        batched_walk(args)
         return
 
     dense_size = args.size if args.full else args.dense_size
