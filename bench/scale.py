@@ -175,7 +175,7 @@ def _crf(item: dict, *, job: Callable) -> None:
 
 def _eval_cam(item: dict, *, sweep: ThresholdSweep) -> None:
     cam = load_cam(item["cams"], item["id"])
-    sweep.update(cam["high_res"].astype(np.float32), cam["keys"], item["label"])
+    sweep.update(cam["high_res"], cam["keys"], item["label"])
 
 
 def _eval_png(item: dict, *, metric: SegmentationMetric) -> None:

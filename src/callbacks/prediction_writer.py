@@ -9,11 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from src.datamodules.palette import save_label_png
-from src.postprocess.logits_store import encode_logits
+from src.postprocess.logits_store import check_logits_store, encode_logits
 from src.utils.io import atomic_save_npz
 
 
@@ -82,7 +81,7 @@ class SegmentationWriter(PngPredictionWriter):
     ):
         super().__init__(out_dir, key="mask")
         self.logits_dir = None if logits_dir is None else Path(logits_dir)
-        encode_logits(np.zeros((1, 1, 1)), logits_dtype, logits_min_prob)  # checks the settings
+        check_logits_store(logits_dtype, logits_min_prob)
         self.logits_dtype, self.logits_min_prob = logits_dtype, logits_min_prob
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -199,9 +199,6 @@ def _run_stage(
     log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, seed)
     start = time.perf_counter()
 
-    # Rank 0 keeps the books in a settle rather than behind a bare barrier: when it fails, every
-    # rank stops at once and the error is shown once (see runtime.ranks_settle), instead of the
-    # other ranks waiting out the collective timeout.
     def execute():
         ctx.loggers = (
             build_loggers(cfg, round_idx, stage.name, sdir.path) if is_global_zero() else []
@@ -231,7 +228,8 @@ def _run_stage(
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
 
     # Every rank runs the stage (its trainers or its shards, src/pipeline/sharding.py, sync
-    # them); rank 0 keeps the books.
+    # them); rank 0 keeps the books in a settle rather than behind a bare barrier, so that when it
+    # fails every rank stops at once (runtime.ranks_settle) instead of waiting out the timeout.
     result = execute()
     run_on_rank_zero(lambda: record(result), f"round {round_idx}: {stage.name}")
     return True

@@ -24,8 +24,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
 
 
-def encode_logits(logits: np.ndarray, dtype: str, min_prob: float) -> dict[str, np.ndarray]:
-    """The arrays of one image's logits file (see the module docstring)."""
+def check_logits_store(dtype: str, min_prob: float) -> None:
+    """ValueError naming the `segmenter.inference` key when the settings cannot store logits."""
     if dtype not in LOGIT_STORES:
         raise ValueError(f"segmenter.inference.logits_dtype={dtype!r}: use one of {LOGIT_STORES}")
     if not 0.0 <= min_prob < 1.0 or (dtype == "uint8" and min_prob <= 0):
@@ -33,6 +33,11 @@ def encode_logits(logits: np.ndarray, dtype: str, min_prob: float) -> dict[str, 
             f"segmenter.inference.logits_min_prob={min_prob} must be in [0, 1) (in (0, 1) for "
             "logits_dtype=uint8: it is the floor of the stored log-probabilities)"
         )
+
+
+def encode_logits(logits: np.ndarray, dtype: str, min_prob: float) -> dict[str, np.ndarray]:
+    """The arrays of one image's logits file (see the module docstring)."""
+    check_logits_store(dtype, min_prob)
     logits = np.asarray(logits, dtype=np.float32)
     log_p = _log_softmax(logits.astype(np.float64))
     if min_prob > 0:

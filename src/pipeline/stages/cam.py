@@ -298,6 +298,20 @@ def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
     return decode_cam(read_npz(src, CAM_ARRAYS), src)
 
 
+def checked_high_res(cam: dict, image_id: str, cam_dir: Path, size: tuple[int, int]) -> np.ndarray:
+    """A loaded CAM's full-resolution maps, finite and of the image's `size` (H, W)."""
+    high_res = cam["high_res"]
+    if not np.isfinite(high_res).all():
+        raise ValueError(
+            f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams"
+        )
+    if high_res.shape[1:] != size:
+        raise MissingArtifactError(
+            f"CAM of image {image_id!r} is {high_res.shape[1:]} but the image is {size}"
+        )
+    return high_res
+
+
 def eval_cams(ctx: StageContext) -> StageResult:
     """CAM mIoU on the evaluation split with a background-threshold sweep, errors and leakage;
     sharded over the ranks (each scores its share, the confusion counts are summed)."""
@@ -342,7 +356,7 @@ def _scored_cam(dataset, cam_dir: Path, i: int) -> tuple[np.ndarray, np.ndarray,
     """Image i's full-resolution CAMs, their class keys and its ground-truth mask."""
     image_id = dataset.ids[i]
     cam = load_cam(cam_dir, image_id)
-    high_res = cam["high_res"].astype(np.float32)
+    high_res = cam["high_res"]
     mask = dataset.load_mask(i)
     if high_res.shape[1:] != mask.shape:
         raise MissingArtifactError(

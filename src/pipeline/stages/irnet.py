@@ -27,7 +27,13 @@ from src.pipeline.batching import batch_metrics, split_over_ranks
 from src.pipeline.runtime import barrier, build_trainer, log_figure, run_on_rank_zero
 from src.pipeline.sharding import metric_group, my_share, run_image_jobs, sum_over_ranks
 from src.pipeline.stage import StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, load_cam, load_classifier_backbone, read_weights
+from src.pipeline.stages.cam import (
+    CAM_DIR,
+    checked_high_res,
+    load_cam,
+    load_classifier_backbone,
+    read_weights,
+)
 from src.postprocess.crf import CRFParams, make_ir_label
 from src.utils.io import atomic_torch_save
 
@@ -48,15 +54,7 @@ def _ir_label_job(job: tuple, *, fg: float, bg: float, crf: CRFParams, out_dir: 
     image_id, image_path, cam_dir = job
     image = read_rgb(image_path)  # the dataset's reader (clear decode errors)
     cam = load_cam(cam_dir, image_id)
-    high_res = cam["high_res"].astype(np.float32)
-    if not np.isfinite(high_res).all():
-        raise ValueError(
-            f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams"
-        )
-    if high_res.shape[1:] != image.shape[:2]:
-        raise MissingArtifactError(
-            f"CAM of image {image_id!r} is {high_res.shape[1:]} but the image is {image.shape[:2]}"
-        )
+    high_res = checked_high_res(cam, image_id, cam_dir, image.shape[:2])
     label = make_ir_label(
         image, high_res, cam["keys"], fg_threshold=fg, bg_threshold=bg, params=crf
     )
@@ -208,7 +206,7 @@ class WithCams(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.dataset[i]
         cam = load_cam(self.cam_dir, sample["id"])
-        cams = torch.from_numpy(cam["cam"].astype(np.float32))
+        cams = torch.from_numpy(cam["cam"])
         if not torch.isfinite(cams).all():
             raise ValueError(f"CAM of image {sample['id']!r} contains NaN/inf: re-run make_cams")
         sample["cam"], sample["keys"] = cams, cam["keys"].astype(np.int64)

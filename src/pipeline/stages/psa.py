@@ -26,7 +26,7 @@ from src.datamodules.validation import read_rgb
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.runtime import barrier, build_trainer
 from src.pipeline.stage import Stage, StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, load_cam, read_weights
+from src.pipeline.stages.cam import CAM_DIR, checked_high_res, load_cam, read_weights
 from src.pipeline.stages.irnet import (
     IR_LABEL_DIR,
     MASK_DIR,
@@ -44,19 +44,6 @@ LABEL_DIR = IR_LABEL_DIR  # the affinity_labels layout: eval_pseudo reads it unc
 PSA_WEIGHTS = "psa_affinity_net.pt"
 
 
-def _checked_high_res(cam: dict, image_id: str, cam_dir: Path, size: tuple[int, int]) -> np.ndarray:
-    high_res = cam["high_res"].astype(np.float32)
-    if not np.isfinite(high_res).all():
-        raise ValueError(
-            f"CAM of image {image_id!r} ({cam_dir}) contains NaN/inf: re-run make_cams"
-        )
-    if high_res.shape[1:] != size:
-        raise MissingArtifactError(
-            f"CAM of image {image_id!r} is {high_res.shape[1:]} but the image is {size}"
-        )
-    return high_res
-
-
 # -- labels from two CRF powers ---------------------------------------------------------------
 def _psa_label_job(
     job: tuple, *, low_alpha: float, high_alpha: float, crf: CRFParams, out_dir: Path
@@ -64,7 +51,7 @@ def _psa_label_job(
     image_id, image_path, cam_dir = job
     image = read_rgb(image_path)
     cam = load_cam(cam_dir, image_id)
-    high_res = _checked_high_res(cam, image_id, cam_dir, image.shape[:2])
+    high_res = checked_high_res(cam, image_id, cam_dir, image.shape[:2])
     label = make_psa_label(image, high_res, cam["keys"], low_alpha, high_alpha, crf)
     save_label_png(out_dir / f"{image_id}.png", label)
 
@@ -121,7 +108,7 @@ class WithWalkCams(Dataset):
         sample = self.dataset[i]
         cam = load_cam(self.cam_dir, sample["id"])
         size = tuple(int(s) for s in sample["size"])
-        high_res = _checked_high_res(cam, sample["id"], self.cam_dir, size)
+        high_res = checked_high_res(cam, sample["id"], self.cam_dir, size)
         sample["cam"] = walk_input(high_res, self.alpha, self.stride)
         sample["keys"] = cam["keys"].astype(np.int64)
         return sample

@@ -97,7 +97,7 @@ def make_cues(ctx: StageContext) -> StageResult:
             sample = dataset[i]
             cam = load_cam(cam_dir, sample["id"])
             fg = foreground_cues(
-                cam["high_res"].astype(np.float32),
+                cam["high_res"],
                 cam["keys"],
                 grid,
                 num_classes,
