@@ -26,6 +26,7 @@ from src.evaluation.report import (
     write_markdown,
 )
 from src.pipeline.artifacts import StageDir
+from src.pipeline.batching import check_global_batches
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
@@ -33,6 +34,7 @@ from src.pipeline.reuse import StageRecord, reuse_stage
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
+    configured_world_size,
     finish_loggers,
     is_global_zero,
     log_metrics,
@@ -73,6 +75,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     plan = check_stages(cfg)
     if cfg.round < 0:
         raise PipelineError(f"round={cfg.round} must be >= 0")
+    check_global_batches(cfg, plan, configured_world_size(cfg))
 
     def start_run() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)

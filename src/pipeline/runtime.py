@@ -114,14 +114,28 @@ def start_ranks(cfg: DictConfig) -> None:
     here. A later trainer finds the process group up and starts nothing more."""
     if dist.is_available() and dist.is_initialized():
         return
+    trainer = _configured_trainer(cfg)
+    if trainer is not None and trainer.world_size > 1:
+        trainer.strategy.launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
+
+
+def configured_world_size(cfg: DictConfig) -> int:
+    """The ranks this invocation runs on: the process group's, or those the trainer config asks
+    for (devices x nodes, as Lightning resolves `auto`, -1 or a device list)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    trainer = _configured_trainer(cfg)
+    return 1 if trainer is None else trainer.world_size
+
+
+def _configured_trainer(cfg: DictConfig) -> L.Trainer | None:
+    """A bare Trainer of the trainer config (nothing launched), or None for one device."""
     trainer_cfg = cfg.trainer
     if trainer_cfg.get("devices", 1) == 1 and trainer_cfg.get("num_nodes", 1) == 1:
-        return
-    trainer = instantiate(
+        return None
+    return instantiate(
         trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
-    if trainer.world_size > 1:
-        trainer.strategy.launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
 
 
 def end_distributed() -> None:

@@ -111,3 +111,6 @@ class Stage:
     # matter then (so round 0 stays shared between CONTA variants).
     previous_inputs: tuple[str, ...] = ()
     round_keys: tuple[str, ...] = ()
+    # A training stage's global batch: its batch-size key, then its accumulation key if any.
+    # The driver checks it divides over the ranks before the first stage runs.
+    global_batch: tuple[str, ...] = ()

@@ -12,6 +12,8 @@ import pytest
 
 from src.pipeline.artifacts import StageDir
 from src.pipeline.batching import RankBatch, rank_batch
+from src.pipeline.plan import PipelineError
+from src.pipeline.stages import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
 
@@ -80,3 +82,20 @@ def test_ddp_trains_with_the_single_process_global_batch_and_steps(tmp_path):
         ddp_done = json.loads((run_dir / "round_0" / stage / "DONE.json").read_text())
         single_done = StageDir(Path(single.paths.run_dir), 0, stage).read_done()
         assert ddp_done["config_hash"] == single_done["config_hash"]
+
+
+def test_a_batch_that_does_not_divide_stops_the_run_before_any_stage(tmp_path):
+    # Three ranks: the classifier's 8 and the segmenter's 4 x 2 both fail, and both are named.
+    cfg = compose_cfg([*ARGS, "trainer=ddp_cpu", "trainer.devices=3"], tmp_path)
+    with pytest.raises(PipelineError, match="no stage has run") as err:
+        train(cfg)
+    assert "train_cam: the global batch of cam.batch_size (8 images" in str(err.value)
+    assert "train_segmenter: the global batch of segmenter.batch_size (8 images" in str(err.value)
+    assert not Path(cfg.paths.run_dir).exists()  # nothing launched, nothing written
+
+
+def test_every_training_stage_declares_its_global_batch():
+    training = {n for n, s in STAGES.items() if s.global_batch}
+    assert training == {n for n in STAGES if n.startswith("train_")}
+    assert len(training) == 5  # classifier, two affinity nets, seeded net, segmenter
+    assert STAGES["train_segmenter"].global_batch[1] == "segmenter.accumulate_grad_batches"

@@ -125,6 +125,7 @@ STAGES: dict[str, Stage] = {
             _CAM_TRAINING,
             produces="classifier",
             previous_inputs=("confounders", "classifier"),
+            global_batch=("cam.batch_size",),
             # The diagnostics of M (alpha, spread, logit share) are part of its results.
             round_keys=(*_CONTA_CLASSIFIER, "conta.diagnostic_images"),
         ),
@@ -156,6 +157,7 @@ STAGES: dict[str, Stage] = {
             _AFFINITY_TRAINING,
             produces="affinity",
             inputs=("classifier", "affinity_labels"),
+            global_batch=("affinity.batch_size",),
         ),
         Stage(
             "make_pseudo_masks",
@@ -178,6 +180,7 @@ STAGES: dict[str, Stage] = {
             produces="segmenter",
             # classifier: read only with segmenter.backbone_init=cam.
             optional_inputs=("pseudo_masks", "classifier"),
+            global_batch=("segmenter.batch_size", "segmenter.accumulate_grad_batches"),
         ),
         Stage(
             "predict_segmenter",

@@ -207,6 +207,7 @@ PSA_STAGES = [
         produces="affinity",
         # classifier: read only with affinity.backbone_init=cam (as train_affinity).
         inputs=("classifier", "affinity_labels"),
+        global_batch=("affinity.batch_size",),
     ),
     Stage(
         "make_psa_pseudo_masks",

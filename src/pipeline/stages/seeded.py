@@ -386,6 +386,7 @@ SEEDED_STAGES = [
         produces="seeded_net",
         inputs=("cues",),
         optional_inputs=("classifier",),  # read only with seeded.backbone_init=cam
+        global_batch=("seeded.batch_size",),
     ),
     Stage(
         "make_seeded_masks",
