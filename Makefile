@@ -6,7 +6,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format bench bench-conta bench-sets bench-faults table2 clean clean-outputs
+.PHONY: help install train test test-full lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ bench: install ## Benchmarks (print ratios measured in one run): CAM stage, segm
 	$(PY) bench/logits_store.py
 	$(PY) bench/coco_memory.py
 	$(PY) bench/scale.py
+
+bench-gpu: install ## On a GPU machine: every stage at paper shapes, fp32 vs bf16, the T = 3 projection; the batched walk
+	$(PY) bench/scale.py --images 4 --device cuda
+	$(PY) bench/random_walk.py --batch 8 --device cuda
 
 bench-conta: install ## CONTA vs baseline: layout confounder, 5 seeds, rounds 0-1, variants paper / gt C / shuffled m (long)
 	$(PY) bench/conta_vs_baseline.py --confounder layout --jobs 2 --ablations paper gt_c shuffled_m

@@ -14,8 +14,9 @@ torch.cuda.max_memory_allocated on CUDA.
     python bench/random_walk.py --device cuda --full
     python bench/random_walk.py --batch 8 [--device cuda]   # make_pseudo_masks' batched walk
 
-With --batch B it times instead the walk as make_pseudo_masks runs it: B VOC-sized grids (a
-500x375 image at stride 4: 94x125) walked one at a time (`random_walk`) and in one pass
+With --batch B it times instead the walk as make_pseudo_masks runs it: B grids of VOC's common
+image sizes at stride 4 (500x375 -> 94x125, 375x500, 500x333, 500x500, ...; a batch mixes them
+as the data loader does) walked one at a time (`random_walk`) and in one pass
 (`random_walk_batch`), images/s of each, their ratio and the largest difference between them.
 """
 
@@ -44,7 +45,9 @@ from src.postprocess.random_walk import (  # noqa: E402
     random_walk_dense,
 )
 
-VOC_GRID = (94, 125)  # a 500x375 image at stride 4
+# Stride-4 grids ((H - 1) // 4 + 1, ...) of VOC's most common image sizes (W x H): 500x375,
+# 375x500, 500x333, 500x500, 333x500, 500x332.
+VOC_GRIDS = [(94, 125), (125, 94), (84, 125), (125, 125), (125, 84), (83, 125)]
 
 
 def _smooth(noise: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -160,10 +163,15 @@ def compare(sparse: torch.Tensor, dense: torch.Tensor) -> tuple[float, float, fl
 def batched_walk(args: argparse.Namespace) -> None:
     """Images/s of the walk one image at a time vs in one batched pass, same inputs."""
     device = torch.device(args.device)
-    h, w = VOC_GRID
-    inputs = [make_inputs(max(h, w), args.classes, args.seed + i) for i in range(args.batch)]
-    cams = [c[:, :h, :w].contiguous().to(device) for c, _ in inputs]
-    boundaries = torch.stack([b[:h, :w] for _, b in inputs]).to(device)
+    grids = [VOC_GRIDS[i % len(VOC_GRIDS)] for i in range(args.batch)]
+    side = max(max(g) for g in grids)
+    inputs = [make_inputs(side, args.classes, args.seed + i) for i in range(args.batch)]
+    cams = [
+        c[:, :h, :w].contiguous().to(device) for (c, _), (h, w) in zip(inputs, grids, strict=True)
+    ]
+    boundaries = [
+        b[:h, :w].contiguous().to(device) for (_, b), (h, w) in zip(inputs, grids, strict=True)
+    ]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -191,7 +199,8 @@ def batched_walk(args: argparse.Namespace) -> None:
     t_batch, rw_batch = timed(batch)
     diff = max((a - b).abs().max().item() for a, b in zip(rw_one, rw_batch, strict=True))
     print(
-        f"device={args.device} grid {h}x{w}, {args.classes} classes, 2^{args.exp_times} steps, "
+        f"device={args.device} grids {sorted(set(grids))}, {args.classes} classes, "
+        f"2^{args.exp_times} steps, "
         f"batch {args.batch}, min of {args.repeat} calls"
     )
     print(f"  one at a time: {args.batch / t_one:8.2f} images/s")

@@ -19,11 +19,15 @@ Settings come from the composed experiments (`voc_conta`, `voc_seam`, `coco_cont
 projection divides each stage's images by the per-process rate times its processes: the CRF
 pools use the node's processes (`--node-processes`, split among the ranks), the evaluations
 one process per rank. It assumes the per-process rate holds with many processes (the work is
-per image and CPU-bound; this machine has 2 cores, so the scaling is measured only to 2). The
-GPU stages (training, CAM and walk inference, segmenter prediction, confounders) are timed on a
-GPU only, and the projection says where they are missing.
+per image and CPU-bound; this machine has 2 cores, so the scaling is measured only to 2).
 
-    python bench/scale.py [--images 12] [--node-processes 8 64]
+With `--device cuda` the GPU stages (training, CAM and walk inference, segmenter prediction,
+confounders) are timed too, at paper shapes in each trainer precision (bench/gpu_stages.py), and
+the projection adds their hours: images per round / (GPUs x one GPU's rate at its share of the
+batch). It leaves out DDP's gradient all-reduce and data loading (done in worker processes).
+`--device cpu` runs the same code on the CPU (slow at paper shapes: a check, not a figure).
+
+    python bench/scale.py [--images 12] [--node-processes 8 64] [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,18 +61,16 @@ from src.postprocess.crf import CRFParams, run_parallel  # noqa: E402
 from src.postprocess.logits_store import encode_logits  # noqa: E402
 from src.utils.io import atomic_save_npz  # noqa: E402
 
-SIZE = (375, 500)  # (H, W) of a typical VOC image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_stages  # noqa: E402
+
+SIZE = gpu_stages.SIZE  # (H, W) of a typical VOC image
 # Images per stage and round; COCO train counts the images with at least one class.
 SETS = {
     "voc": {"train": 10_582, "eval": 1_464, "val": 1_449},
     "coco": {"train": 82_081, "eval": 82_081, "val": 40_137},
 }
 ROUNDS = 4  # T = 3: the baseline round 0 and three CONTA rounds
-
-
-def compose_experiment(name: str) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return compose("train", overrides=[f"experiment={name}"])
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -270,6 +271,47 @@ def project(data: str, cfg: DictConfig, rates: dict, node_processes: int, gpus: 
     return hours
 
 
+def gpu_stage_images(data: str, cfg: DictConfig) -> dict[str, int]:
+    """Images per round through each GPU stage of the IRNet + CONTA pipeline."""
+    n, seg = SETS[data], cfg.segmenter
+    return {
+        "train_cam": cfg.cam.max_epochs * n["train"],
+        "make_cams": n["train"],
+        "train_affinity": cfg.affinity.max_epochs * n["train"],
+        "make_pseudo_masks": n["train"],
+        "train_segmenter": seg.max_steps * seg.batch_size * seg.accumulate_grad_batches,
+        "predict_segmenter": n["val"],
+        "confounders": n["train"] + n["val"],
+    }
+
+
+def project_gpu(data: str, cfg: DictConfig, rates: dict, precision: str, gpus: int) -> dict:
+    """Hours per GPU stage over the ROUNDS rounds on `gpus` GPUs, from one GPU's rates."""
+    return {
+        stage: ROUNDS * images / (gpus * rates[stage, precision, gpus].images_per_s) / 3600
+        for stage, images in gpu_stage_images(data, cfg).items()
+    }
+
+
+def print_gpu_projection(cfgs: dict, measured: dict, gpu_rates: dict, args) -> None:
+    processes = max(args.node_processes)
+    print(
+        f"\nprojected hours for T = 3 ({ROUNDS} rounds), GPU stages + CPU stages at "
+        f"{processes} CRF processes/node (COCO with VOC-shaped GPU rates)"
+    )
+    for data, cfg in cfgs.items():
+        for precision in args.precision:
+            for gpus in (1, 8):
+                gpu = project_gpu(data, cfg, gpu_rates, precision, gpus)
+                cpu = sum(project(data, cfg, measured[data]["rates"], processes, gpus).values())
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in gpu.items())
+                print(
+                    f"  {data}_conta, {precision:10s} {gpus} GPU(s): "
+                    f"{sum(gpu.values()) + cpu:7.2f} h = GPU {sum(gpu.values()):.2f} "
+                    f"({parts}) + CPU {cpu:.2f}"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=12, help="VOC-sized images per data set")
@@ -281,10 +323,20 @@ def main() -> None:
         default=[8, 64],
         help="CRF processes per node to project for (the paper configs: 8)",
     )
+    parser.add_argument(
+        "--device", default=None, help="also time the GPU stages on this device (cuda, cpu)"
+    )
+    parser.add_argument("--precision", nargs="+", default=list(gpu_stages.PRECISIONS))
+    parser.add_argument("--steps", type=int, default=10, help="timed batches per GPU stage")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before them")
     args = parser.parse_args()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one process = one core, as in a pool
-    cfgs = {"voc": compose_experiment("voc_conta"), "coco": compose_experiment("coco_conta")}
-    seam = compose_experiment("voc_seam")
+    cfgs = {
+        "voc": gpu_stages.compose_experiment("voc_conta"),
+        "coco": gpu_stages.compose_experiment("coco_conta"),
+    }
+    seam = gpu_stages.compose_experiment("voc_seam")
     print(
         f"CPU stages at 500x375, {args.images} images per set, 1 process (cpus: {os.cpu_count()})"
     )
@@ -315,12 +367,17 @@ def main() -> None:
                     f"    {gpus} GPU(s), {processes:3d} CRF processes/node: "
                     f"{sum(hours.values()):7.2f} h  ({parts})"
                 )
-    print(
-        "\nGPU stages (training, CAM / walk / segmenter inference, confounders): not timed "
-        "without a GPU"
-        if not torch.cuda.is_available()
-        else "\nGPU stages: run bench/cam_stage.py, bench/segmenter.py, bench/random_walk.py"
+    if args.device is None:
+        print("\nGPU stages: not timed (--device cuda times them and adds them to the projection)")
+        return
+    print(f"\nGPU stages of voc_conta on {args.device}, images {SIZE[1]}x{SIZE[0]}, one GPU")
+    torch.set_num_threads(threads)  # a GPU stage's process has the default threads
+    gpu_cfg = gpu_stages.compose_experiment("voc_conta")
+    gpu_rates = gpu_stages.measure(
+        gpu_cfg, args.device, args.precision, [1, 8], args.steps, args.warmup
     )
+    gpu_stages.print_rates(gpu_rates)
+    print_gpu_projection(cfgs, measured, gpu_rates, args)
 
 
 if __name__ == "__main__":

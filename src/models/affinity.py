@@ -192,10 +192,16 @@ class AffinityModule(L.LightningModule):
         return edge[:, : (h - 1) // 4 + 1, : (w - 1) // 4 + 1]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Random walk of the stride-4 CAMs on the predicted boundaries, then the label map."""
-        boundaries = self.boundary(batch["image"])
+        """Random walk of the stride-4 CAMs on the predicted boundaries, then the label map.
+        Images of different sizes (a list, collate_with_cams) go through the net one at a time
+        and walk together: the walk's cost is its kernel launches, the same for one or many."""
+        images = batch["image"]
+        if torch.is_tensor(images):
+            boundaries = list(self.boundary(images))
+        else:
+            boundaries = [self.boundary(image[None])[0] for image in images]
         walks = random_walk_batch(
-            [torch.as_tensor(c).to(boundaries) for c in batch["cam"]],
+            [torch.as_tensor(c).to(boundaries[0]) for c in batch["cam"]],
             boundaries,
             beta=self.hparams.beta,
             exp_times=self.hparams.exp_times,

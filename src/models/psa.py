@@ -178,13 +178,17 @@ class PSAAffinityModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """``batch["cam"]``: per image the (1 + K, h, w) walk input (psa_labels.walk_input,
         background first); ``batch["keys"]``: its K class ids."""
-        aff = self.pair_affinities(batch["image"]).float()
-        cams = [torch.as_tensor(c).to(aff.device, torch.float32) for c in batch["cam"]]
-        if any(c.shape[1:] != aff.shape[2:] for c in cams):
-            raise ValueError(
-                f"walk inputs {[tuple(c.shape) for c in cams]} are not on the {tuple(aff.shape[2:])}"
-                " affinity grid"
-            )
+        images = batch["image"]
+        if torch.is_tensor(images):
+            aff = list(self.pair_affinities(images).float())
+        else:  # different sizes (collate_with_cams): the net sees each alone, the walk all
+            aff = [self.pair_affinities(image[None])[0].float() for image in images]
+        cams = [torch.as_tensor(c).to(aff[0].device, torch.float32) for c in batch["cam"]]
+        for cam, a in zip(cams, aff, strict=True):
+            if cam.shape[1:] != a.shape[1:]:
+                raise ValueError(
+                    f"walk input {tuple(cam.shape)} is not on the {tuple(a.shape[1:])} affinity grid"
+                )
         walks = random_walk_affinity_batch(
             cams, aff, beta=self.hparams.beta, logt=self.hparams.logt, radius=self.hparams.radius
         )

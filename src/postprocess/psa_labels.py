@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .crf import SEC_TEST_CRF, CRFParams, crf_probs
 from .path_index import get_path_index
-from .random_walk import flux_weights, walk
+from .random_walk import flux_weights, stack_tall, walk
 
 # psa/tool/imutils.py crf_inference (scale_factor 1, unary -log(score)) is SEC's CRF wrapper at
 # test time: gaussian sxy 3 w 3, bilateral sxy 80 srgb 13 w 10, 10 iterations.
@@ -151,25 +151,21 @@ def random_walk_affinity(
 
 
 def random_walk_affinity_batch(
-    cams: Sequence[Tensor], aff: Tensor, beta: float = 8, logt: int = 8, radius: int = 5
+    cams: Sequence[Tensor], aff: Sequence[Tensor], beta: float = 8, logt: int = 8, radius: int = 5
 ) -> list[Tensor]:
-    """:func:`random_walk_affinity` of B same-grid images in one pass (random_walk_batch's trick):
-    images stacked vertically with ``radius_floor`` rows of zero affinity between them, so no
-    pair crosses images (a pair reaches at most radius_floor rows down). ``cams``: B tensors
-    (C_b, h, w); ``aff``: (B, D, h, w). Returns B float32 tensors (C_b, h, w)."""
-    if aff.dim() != 4 or len(cams) != aff.shape[0]:
-        raise ValueError(f"need B CAM tensors and (B, D, h, w) aff, got {len(cams)}, {aff.shape}")
-    b, d, h, w = aff.shape
+    """:func:`random_walk_affinity` of several images, of any grid sizes, in one pass
+    (random_walk_batch's trick): each image's pairs that leave its grid are zeroed, and the
+    images are stacked vertically with ``radius_floor`` rows of zero affinity between them and
+    zero affinity right of the narrower ones (:func:`stack_tall`), so no pair crosses images.
+    ``cams``: B tensors (C_b, h_b, w_b); ``aff``: B maps (D, h_b, w_b), e.g. a (B, D, h, w)
+    tensor. Returns B float32 tensors (C_b, h_b, w_b)."""
+    inside = [a * pair_inside(*a.shape[-2:], radius, a.device) for a in aff]
     gap = get_path_index(radius).radius_floor
-    k = max([int(c.shape[0]) for c in cams] + [1])
-    tall_aff = aff.new_zeros(d, b * h + (b - 1) * gap, w, dtype=torch.float32)
-    tall_cams = aff.new_zeros(k, b * h + (b - 1) * gap, w, dtype=torch.float32)
-    for i, cam in enumerate(cams):
-        top = i * (h + gap)
-        tall_aff[:, top : top + h] = aff[i]
-        tall_cams[: cam.shape[0], top : top + h] = torch.as_tensor(cam).to(tall_cams)
+    tall_aff, tall_cams, places = stack_tall(inside, cams, gap, fill=0.0)
     rw = random_walk_affinity(tall_cams, tall_aff, beta=beta, logt=logt, radius=radius)
-    return [rw[: cam.shape[0], i * (h + gap) : i * (h + gap) + h] for i, cam in enumerate(cams)]
+    return [
+        rw[: cam.shape[0], top : top + h, :w] for cam, (top, h, w) in zip(cams, places, strict=True)
+    ]
 
 
 def psa_label_from_rw(

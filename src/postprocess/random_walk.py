@@ -218,33 +218,58 @@ def pseudo_label_from_rw(
     return np.concatenate([[0], keys_arr])[pred].astype(np.uint8)
 
 
+def stack_tall(
+    maps: Sequence[Tensor], channels: Sequence[Tensor], gap: int, fill: float
+) -> tuple[Tensor, Tensor, list[tuple[int, int, int]]]:
+    """Images of any sizes as one tall grid for a batched walk: ``maps`` (the per-pair input:
+    B tensors (..., h_b, w_b), leading dims shared) stacked top to bottom with ``gap`` rows of
+    ``fill`` between them and ``fill`` right of the narrower ones; ``channels`` (B walk inputs
+    (C_b, h_b, w_b)) likewise, with zeros. Returns the two tall tensors (float32) and each
+    image's (top, h, w) in them."""
+    if len(maps) != len(channels) or len(maps) == 0:
+        raise ValueError(
+            f"need as many walk inputs as maps (>= 1), got {len(channels)}, {len(maps)}"
+        )
+    shapes = [tuple(m.shape[-2:]) for m in maps]
+    for c, shape in zip(channels, shapes, strict=True):
+        if tuple(c.shape[-2:]) != shape or len(c.shape) != 3:
+            raise ValueError(f"walk input {tuple(c.shape)} is not (C, h, w) on the grid {shape}")
+    height = sum(h for h, _ in shapes) + gap * (len(shapes) - 1)
+    width = max(w for _, w in shapes)
+    first = torch.as_tensor(maps[0])
+    tall_maps = first.new_full((*first.shape[:-2], height, width), fill, dtype=torch.float32)
+    k = max(int(c.shape[0]) for c in channels)
+    tall_channels = first.new_zeros(k, height, width, dtype=torch.float32)
+    places, top = [], 0
+    for m, c, (h, w) in zip(maps, channels, shapes, strict=True):
+        tall_maps[..., top : top + h, :w] = torch.as_tensor(m).to(tall_maps)
+        tall_channels[: c.shape[0], top : top + h, :w] = torch.as_tensor(c).to(tall_channels)
+        places.append((top, h, w))
+        top += h + gap
+    return tall_maps, tall_channels, places
+
+
 def random_walk_batch(
     cams: Sequence[Tensor],
-    boundaries: Tensor,
+    boundaries: Sequence[Tensor],
     beta: float = 10,
     exp_times: int = 8,
     radius: int = 5,
 ) -> list[Tensor]:
-    """:func:`random_walk` of several same-size images in one pass (much less per-step overhead).
+    """:func:`random_walk` of several images, of any sizes, in one pass (the per-step kernel
+    launches of one image, not B of them).
 
-    The images are stacked vertically, separated by ``radius_floor`` rows of boundary 1. Every
-    pair that touches those rows has affinity 0, and no pair spans them, so each image walks
-    exactly as alone. Image b's K_b classes sit in channels 0..K_b-1 (the walk is per channel).
-    ``cams``: B tensors (K_b, h, w); ``boundaries``: (B, h, w). Returns B tensors (K_b, h, w).
+    The images are stacked vertically (:func:`stack_tall`), separated by ``radius_floor`` rows of
+    boundary 1 and padded right with boundary 1. A pair's path stays in its bounding box, so a
+    pair of one image's cells never leaves that image, and every pair reaching a padding cell
+    has it on its path: affinity 0. Each image therefore walks exactly as alone (its extra pairs
+    add zeros). Image b's K_b classes sit in channels 0..K_b-1 (the walk is per channel).
+    ``cams``: B tensors (K_b, h_b, w_b); ``boundaries``: B maps (h_b, w_b), e.g. a (B, h, w)
+    tensor. Returns B tensors (K_b, h_b, w_b).
     """
-    if boundaries.dim() != 3 or len(cams) != boundaries.shape[0]:
-        raise ValueError(
-            f"need B CAM tensors and (B, h, w) boundaries, got {len(cams)} and "
-            f"{tuple(boundaries.shape)}"
-        )
-    b, h, w = boundaries.shape
     gap = get_path_index(radius).radius_floor
-    k = max([int(c.shape[0]) for c in cams] + [1])
-    tall_boundary = boundaries.new_ones(b * h + (b - 1) * gap, w)
-    tall_cams = boundaries.new_zeros(k, b * h + (b - 1) * gap, w, dtype=torch.float32)
-    for i, cam in enumerate(cams):
-        top = i * (h + gap)
-        tall_boundary[top : top + h] = boundaries[i]
-        tall_cams[: cam.shape[0], top : top + h] = torch.as_tensor(cam).to(tall_cams)
+    tall_boundary, tall_cams, places = stack_tall(boundaries, cams, gap, fill=1.0)
     rw = random_walk(tall_cams, tall_boundary, beta=beta, exp_times=exp_times, radius=radius)
-    return [rw[: cam.shape[0], i * (h + gap) : i * (h + gap) + h] for i, cam in enumerate(cams)]
+    return [
+        rw[: cam.shape[0], top : top + h, :w] for cam, (top, h, w) in zip(cams, places, strict=True)
+    ]

@@ -3,6 +3,7 @@ import torch
 
 from src.models.affinity import AffinityModule, AffinityNet, affinity_labels, relation_losses
 from src.models.backbone import ResNetBackbone
+from src.pipeline.stages.irnet import collate_with_cams
 from src.postprocess.path_index import get_path_index
 
 
@@ -65,3 +66,35 @@ def test_predict_step_gives_labels_from_the_image_classes():
     assert items[0]["mask"].shape == (64, 64) and items[0]["mask"].dtype == np.uint8
     assert set(np.unique(items[0]["mask"])) <= {0, 2, 5}
     assert set(np.unique(items[1]["mask"])) <= {0, 3}
+
+
+def walk_sample(image_id: str, h: int, w: int, keys: list[int], stride: int, bg: int = 0) -> dict:
+    grid = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+    return {
+        "id": image_id,
+        "image": torch.randn(3, h, w),
+        "mask": torch.zeros(h, w, dtype=torch.long),  # ragged too: must not reach the stack
+        "label": torch.zeros(6),
+        "size": torch.tensor([h, w]),
+        "cam": torch.rand(len(keys) + bg, *grid),
+        "keys": np.array(keys),
+    }
+
+
+def test_a_batch_of_images_of_different_sizes_labels_each_as_alone():
+    # VOC's varying sizes: the net sees each image alone, the walk takes them all at once.
+    torch.manual_seed(0)
+    module = AffinityModule(tiny_affinity(), num_classes=7, exp_times=4).eval()
+    samples = [
+        walk_sample("a", 64, 64, [2, 5], 4),
+        walk_sample("b", 52, 76, [3], 4),
+        walk_sample("c", 70, 40, [1, 4, 6], 4),
+    ]
+    batch = collate_with_cams([dict(s) for s in samples])
+    assert isinstance(batch["image"], list) and isinstance(batch["mask"], list)
+    assert batch["label"].shape == (3, 6) and batch["id"] == ["a", "b", "c"]
+    with torch.no_grad():
+        together = module.predict_step(batch, 0)
+        alone = [module.predict_step(collate_with_cams([dict(s)]), 0)[0] for s in samples]
+    for t, a in zip(together, alone, strict=True):
+        assert t["id"] == a["id"] and np.array_equal(t["mask"], a["mask"])

@@ -16,7 +16,9 @@ from src.models.psa import (
     psa_losses,
     source_pairs,
 )
+from src.pipeline.stages.irnet import collate_with_cams
 from src.postprocess.path_index import get_path_index
+from tests.models.test_affinity import walk_sample
 
 
 def tiny_psa(frozen_stages=1):
@@ -141,3 +143,20 @@ def test_predict_step_gives_labels_from_the_image_classes():
     batch["cam"][1] = torch.rand(2, 7, 9)
     with pytest.raises(ValueError, match="grid"), torch.no_grad():
         module.predict_step(batch, 0)
+
+
+def test_a_batch_of_images_of_different_sizes_labels_each_as_alone():
+    torch.manual_seed(0)
+    module = PSAAffinityModule(tiny_psa(), num_classes=7, logt=3).eval()
+    # (1 + K) walk channels on the stride-8 grid: the background first.
+    samples = [
+        walk_sample("a", 60, 70, [2, 5], 8, bg=1),
+        walk_sample("b", 48, 90, [3], 8, bg=1),
+        walk_sample("c", 75, 41, [1, 4, 6], 8, bg=1),
+    ]
+    batch = collate_with_cams([dict(s) for s in samples])
+    with torch.no_grad():
+        together = module.predict_step(batch, 0)
+        alone = [module.predict_step(collate_with_cams([dict(s)]), 0)[0] for s in samples]
+    for t, a in zip(together, alone, strict=True):
+        assert t["id"] == a["id"] and np.array_equal(t["mask"], a["mask"])

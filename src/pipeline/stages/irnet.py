@@ -214,12 +214,16 @@ class WithCams(Dataset):
 
 
 def collate_with_cams(samples: list[dict]) -> dict:
-    """Stack images (same size required); keep the per-image CAMs and keys as lists."""
+    """Per-image CAMs and keys as lists; tensors whose shapes differ across the images (the
+    image, the mask of VOC's varying sizes) as lists too, the rest stacked. The affinity
+    modules run their net on each listed image alone and walk the batch at once."""
     ragged = {k: [s.pop(k) for s in samples] for k in ("cam", "keys")}
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) > 1:
-        raise ValueError(f"images of different sizes {sizes} in one batch: use batch_size 1")
-    return {**default_collate(samples), **ragged}
+    for key, value in samples[0].items():
+        arrays = isinstance(value, torch.Tensor | np.ndarray)
+        if arrays and len({tuple(s[key].shape) for s in samples}) > 1:
+            ragged[key] = [s[key] for s in samples]
+    rest = [{k: v for k, v in s.items() if k not in ragged} for s in samples]
+    return {**default_collate(rest), **ragged}
 
 
 def make_pseudo_masks(ctx: StageContext) -> StageResult:
