@@ -201,7 +201,8 @@ class AffinityModule(L.LightningModule):
         else:
             boundaries = [self.boundary(image[None])[0] for image in images]
         walks = random_walk_batch(
-            [torch.as_tensor(c).to(boundaries[0]) for c in batch["cam"]],
+            # float32 CAMs whatever the precision: under bf16-mixed the boundaries are bf16.
+            [torch.as_tensor(c).to(boundaries[0].device, torch.float32) for c in batch["cam"]],
             boundaries,
             beta=self.hparams.beta,
             exp_times=self.hparams.exp_times,

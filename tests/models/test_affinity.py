@@ -5,6 +5,7 @@ from src.models.affinity import AffinityModule, AffinityNet, affinity_labels, re
 from src.models.backbone import ResNetBackbone
 from src.pipeline.stages.irnet import collate_with_cams
 from src.postprocess.path_index import get_path_index
+from src.postprocess.random_walk import random_walk_batch
 
 
 def tiny_affinity(strides=(2, 2, 1, 1)):
@@ -98,3 +99,19 @@ def test_a_batch_of_images_of_different_sizes_labels_each_as_alone():
         alone = [module.predict_step(collate_with_cams([dict(s)]), 0)[0] for s in samples]
     for t, a in zip(together, alone, strict=True):
         assert t["id"] == a["id"] and np.array_equal(t["mask"], a["mask"])
+
+
+def test_the_walk_gets_float32_cams_under_bf16_autocast(monkeypatch):
+    # trainer=gpu predicts under bf16-mixed: the boundaries come out bf16, the CAMs must not.
+    seen = []
+
+    def spy(cams, boundaries, **kwargs):
+        seen.extend(c.dtype for c in cams)
+        return random_walk_batch(cams, boundaries, **kwargs)
+
+    monkeypatch.setattr("src.models.affinity.random_walk_batch", spy)
+    module = AffinityModule(tiny_affinity(), num_classes=7, exp_times=2).eval()
+    batch = collate_with_cams([walk_sample("a", 64, 64, [2], 4), walk_sample("b", 48, 64, [3], 4)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        module.predict_step(batch, 0)
+    assert seen == [torch.float32, torch.float32]
