@@ -98,6 +98,17 @@ def metric_group():
     return _cpu_group(world)
 
 
+def gather_over_ranks(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank; [value] in one process.
+    Call it outside a settle, once every rank's share is done."""
+    _, world = _world()
+    if world == 1:
+        return [value]
+    values: list = [None] * world
+    dist.all_gather_object(values, value, group=metric_group())
+    return values
+
+
 def sum_over_ranks(values: np.ndarray) -> np.ndarray:
     """Element-wise sum of every rank's int64 counts (the same shape on all ranks)."""
     _, world = _world()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST, FAST_CAM, TINY_SYNTH, compose_cfg
 from tests.pipeline.conftest import ROUND0
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,12 +49,14 @@ def run(root: Path, *extra: str) -> dict:
     ]["0"]
 
 
-def launch(root: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float, float]:
+def launch(
+    root: Path, *extra: str, base: list[str] = ARGS
+) -> tuple[subprocess.CompletedProcess, float, float]:
     """`python train.py` as `run` does, whatever its outcome; its seconds from launch until every
     rank has ended, and the time.time() then. The other ranks inherit its stdout and stderr, so
     the pipes close only when the last process is gone."""
     env = {**os.environ, "PROJECT_ROOT": str(root)}
-    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), *base, *extra]
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return done, time.monotonic() - start, time.time()
@@ -303,3 +305,26 @@ def test_a_rank_started_by_rank_zero_ends_with_it(tmp_path):
     assert done.returncode == 3, done.stderr[-4000:]
     assert time.time() - float(done.stdout) < 20, done.stderr[-4000:]
     assert "rank 1: rank 0 (pid" in done.stderr and "has ended; stopping too" in done.stderr
+
+
+def test_sharded_cue_summary_matches_a_single_process_run(tmp_path):
+    """SEC's make_cues first in a DDP invocation: each rank writes and reads back half the cue
+    files; the joined summary (counts, named examples) and the files equal one process's."""
+    base = ["experiment=synth_sec", "round=0", *TINY_SYNTH, *FAST_CAM]
+    stages = ["stages=[train_cam,make_cams,make_cues]"]
+    done, _, _ = launch(tmp_path, *stages, base=base)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (cue_stage,) = (tmp_path / "outputs").glob("*/seed_0/round_0/make_cues")
+    single = json.loads((cue_stage / "DONE.json").read_text())["metrics"]
+    files = {p.name: p.read_bytes() for p in (cue_stage / "cues").glob("*.npz")}
+    (cue_stage / "DONE.json").unlink()
+    done, _, _ = launch(tmp_path, *stages, "trainer=ddp_cpu", base=base)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert out.count("make_cues: 24 of 24 images") == 2, out[-4000:]  # both ranks ran it
+    ddp = json.loads((cue_stage / "DONE.json").read_text())["metrics"]
+    assert ddp["resume"]["computed"] == 24 and ddp["images"] == single["images"] == 24
+    assert {k: v for k, v in ddp.items() if k != "resume"} == {
+        k: v for k, v in single.items() if k != "resume"
+    }
+    assert {p.name: p.read_bytes() for p in (cue_stage / "cues").glob("*.npz")} == files

@@ -20,10 +20,11 @@ from src.pipeline.stages.seeded import (
     WithCues,
     _crf_mask_job,
     cue_grid,
+    joined_cue_stats,
     seeded_transform,
 )
 from src.postprocess.crf import CRFParams
-from src.postprocess.cues import write_cues
+from src.postprocess.cues import CueStats, write_cues
 from tests.conftest import TINY_SYNTH, compose_cfg
 
 
@@ -221,3 +222,24 @@ def test_crf_mask_job_rejects_probs_whose_keys_do_not_fit(
     params = CRFParams.from_config(cfg.seeded.test_crf, "seeded.test_crf")
     with pytest.raises(MissingArtifactError, match=re.escape(str(path))):
         _crf_mask_job(job, params=params, out_dir=tmp_path)
+
+
+def test_joined_cue_stats_equal_one_pass_over_the_images():
+    # Five images, every labelled class without a foreground cue: the examples are capped at 3,
+    # so a shard's own first examples must be re-ordered by image, as one pass names them.
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(5)]
+    records = []
+    for image_id in ids:
+        fg = np.zeros((4, 3, 3), bool)
+        fg[0] = rng.random((3, 3)) < 0.5
+        records.append((image_id, fg, rng.random((3, 3)) < 0.5, [1, 3]))
+    one = CueStats(max_examples=3)
+    for record in records:
+        one.update(*record)
+    shards = [CueStats(max_examples=3), CueStats(max_examples=3)]
+    for i, record in enumerate(records):  # strided, as my_share deals them
+        shards[i % 2].update(*record)
+    joined = joined_cue_stats(shards, ids).summary()
+    assert joined == one.summary()
+    assert joined["empty_foreground_examples"] == [["img0", 1], ["img0", 3], ["img1", 1]]

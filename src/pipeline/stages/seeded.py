@@ -37,8 +37,14 @@ from src.models.cam import strided_size
 from src.models.seeded_module import SeededModule, upsample_probs
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import barrier, build_trainer, global_rank, log_figure
-from src.pipeline.sharding import my_share, run_image_jobs
+from src.pipeline.runtime import (
+    barrier,
+    build_trainer,
+    global_rank,
+    log_figure,
+    run_on_rank_zero,
+)
+from src.pipeline.sharding import gather_over_ranks, my_share, run_image_jobs
 from src.pipeline.stage import Stage, StageContext, StageResult
 from src.pipeline.stages.cam import (
     CAM_DIR,
@@ -122,43 +128,63 @@ def make_cues(ctx: StageContext) -> StageResult:
             )
     barrier()  # every rank's shard is on disk before the count
     metrics = {"resume": resume_counts(dataset.ids, todo, (out_dir, ".npz"))}
+    summary = _cue_summary(ctx, out_dir, grid)
     if global_rank() == 0:
-        metrics.update(_cue_summary(ctx, out_dir, grid))
+        metrics.update(summary)
     return StageResult(metrics=metrics, artifacts=[CUE_DIR])
 
 
 def _cue_summary(ctx: StageContext, out_dir: Path, grid: tuple[int, int]) -> dict:
     """Cue shares and the (image, class) pairs whose foreground cue is empty: counted and
-    reported (those classes then train from the expansion / growth terms only), plus a figure."""
+    reported (those classes then train from the expansion / growth terms only), plus rank 0's
+    figure. Each rank reads its share of the cue files; the counts are joined on every rank."""
     cfg = ctx.cfg
-    dataset = build_dataset(cfg.data, cfg.data.train_split)
-    stats, rows = CueStats(), []
-    for i, image_id in enumerate(dataset.ids):
-        ids = _class_ids(dataset.labels[i])
-        cues = _read_cues(cfg, out_dir, image_id, grid, ids)
-        fg = cues.copy()
-        fg[0] = False
-        stats.update(image_id, fg, cues[0], ids)
-        if len(rows) < cfg.figure_images:
-            rows.append((read_rgb(dataset.image_paths[i]), cues))
-    summary = stats.summary()
-    if summary["empty_foreground"]:
+    with ctx.settle():
+        dataset = build_dataset(cfg.data, cfg.data.train_split)
+        stats = CueStats()
+        for i in my_share(range(len(dataset))):
+            ids = _class_ids(dataset.labels[i])
+            cues = _read_cues(cfg, out_dir, dataset.ids[i], grid, ids)
+            fg = cues.copy()
+            fg[0] = False
+            stats.update(dataset.ids[i], fg, cues[0], ids)
+    summary = joined_cue_stats(gather_over_ranks(stats), dataset.ids).summary()
+    if summary["empty_foreground"] and global_rank() == 0:
         log.warning(
             "make_cues: %d of %d labelled (image, class) pairs have no foreground cue, e.g. %s",
             summary["empty_foreground"],
             summary["labelled_pairs"],
             summary["empty_foreground_examples"][:3],
         )
-    if rows:
-        path = cue_figure(
-            [r[0] for r in rows],
-            [r[1] for r in rows],
+
+    def figure() -> Path | None:
+        shown = range(min(cfg.figure_images, len(dataset)))
+        if not shown:
+            return None
+        return cue_figure(
+            [read_rgb(dataset.image_paths[i]) for i in shown],
+            [_read_cues(cfg, out_dir, dataset.ids[i], grid) for i in shown],
             list(dataset.class_names),
             ctx.dir / "cues.png",
             title=f"round {ctx.round}: localization cues ({grid[0]} x {grid[1]})",
         )
+
+    path = run_on_rank_zero(figure, f"{ctx.name}: figure")
+    if path is not None:
         log_figure(ctx.loggers, "cues/overlays", path)
     return summary
+
+
+def joined_cue_stats(shards: list[CueStats], ids: list[str]) -> CueStats:
+    """The ranks' CueStats as one process's: counts summed, and the named examples (each rank
+    keeps its own first ones) the first of all in data set order."""
+    joined = CueStats(shards[0].max_examples)
+    for shard in shards:
+        joined.merge(shard)
+    order = {image_id: i for i, image_id in enumerate(ids)}
+    examples = sorted((e for s in shards for e in s.examples), key=lambda e: (order[e[0]], e[1]))
+    joined.examples = examples[: joined.max_examples]
+    return joined
 
 
 def _read_cues(cfg: DictConfig, cue_dir: Path, image_id: str, grid, labels=None) -> np.ndarray:
