@@ -9,6 +9,8 @@ made once in memory. Data loading is therefore not timed: the pipeline decodes a
 
 * train_cam          classifier step, cam.crop_size crops, one GPU's share of cam.batch_size
 * make_cams          multi-scale + flip CAMs of a 500x375 image (the classifier's predict_step)
+* train_cam_conta, make_cams_conta   the same with CONTA's context module and its inputs (m at
+                     conta.size, the frame map), as rounds >= 1 run them
 * train_affinity     IRNet affinity step, affinity.crop_size crops, one GPU's share of its batch
 * make_pseudo_masks  boundary maps + one random walk + label maps of 500x375 and 375x500 images
 * train_segmenter    DeepLab-v2 MSC step, segmenter.crop_size crops, one GPU's micro-batch
@@ -17,9 +19,9 @@ made once in memory. Data loading is therefore not timed: the pipeline decodes a
 
 A GPU's share of a global batch is `src.pipeline.batching.rank_batch`'s; where the paper's batch
 does not divide (DeepLab's 10 on 8 GPUs) the share is rounded up, as the README's 8-GPU recipe
-(2 x 8) does. Backbones start from random weights (nothing is downloaded); the speed does not
-depend on them. Not timed: the CONTA classifier's context module (rounds >= 1: a 1x1
-convolution over the 32x32 M and its concatenation), PSA's and the seeded methods' stages.
+(2 x 8) does. Backbones start from random weights, and the confounders of the CONTA stages
+are random too (nothing is downloaded); the speed does not depend on them. Not timed: PSA's
+and the seeded methods' stages.
 
     python bench/gpu_stages.py [--device cuda] [--steps 10] [--precision 32-true bf16-mixed]
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -44,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import src.train  # noqa: E402, F401  (registers the config resolvers)
+from src.datamodules.transforms import frame_grid  # noqa: E402
+from src.models.context import Confounders  # noqa: E402
 from src.pipeline.batching import rank_batch  # noqa: E402
 from src.pipeline.stages.cam import build_cam_classifier  # noqa: E402
 from src.pipeline.stages.irnet import build_affinity_module, collate_with_cams  # noqa: E402
@@ -51,7 +56,9 @@ from src.pipeline.stages.segmenter import build_segmenter  # noqa: E402
 
 SIZE = (375, 500)  # (H, W) of a typical VOC image
 PRECISIONS = ("32-true", "bf16-mixed")
-TRAINING = ("train_cam", "train_affinity", "train_segmenter")
+TRAINING = ("train_cam", "train_cam_conta", "train_affinity", "train_segmenter")
+# Stages of CONTA's rounds >= 1 that differ from round 0's, and the round-0 stage each replaces.
+CONTA_STAGES = {"train_cam_conta": "train_cam", "make_cams_conta": "make_cams"}
 # Random weights, none downloaded or read from an earlier stage: the rates do not depend on them.
 STANDALONE = [
     "backbone.weights=null",
@@ -181,9 +188,20 @@ def samples(
     c = crop["train_affinity"]
     affinity_label = _label_map((c, c), keys, gen)
     s = crop["train_segmenter"]
+
+    def with_context(sample: dict) -> dict:
+        """A CONTA classifier's inputs: the image's m and the frame map of its pixels."""
+        h, w = sample["image"].shape[-2:]
+        frame = torch.from_numpy(frame_grid(h, w).transpose(2, 0, 1).copy())
+        m = torch.rand(*cfg.conta.size, generator=gen)
+        return {**sample, "context_mask": m, "frame": frame}
+
+    cam_crop = {"image": image(crop["train_cam"]), "label": label}
     return {
-        "train_cam": ([{"image": image(crop["train_cam"]), "label": label}], None),
+        "train_cam": ([cam_crop], None),
         "make_cams": ([full], None),
+        "train_cam_conta": ([with_context(cam_crop)], None),
+        "make_cams_conta": ([with_context(full)], None),
         "train_affinity": ([{"image": image(c), "ir_label": affinity_label}], None),
         "make_pseudo_masks": ([walk(size), walk(size[::-1])], collate_with_cams),
         "train_segmenter": ([{"image": image(s), "mask": _label_map((s, s), keys, gen)}], None),
@@ -193,6 +211,22 @@ def samples(
 
 
 # -- one stage ----------------------------------------------------------------------------------
+def random_confounders(cfg: DictConfig) -> Confounders:
+    """A confounder set of the experiment's classes and size with random C (the classifier's
+    context module is built from it; the samples carry their own m)."""
+    n, size = int(cfg.data.num_classes) - 1, tuple(cfg.conta.size)
+    gen = np.random.default_rng(0)
+    return Confounders(
+        centers=gen.random((n, *size), dtype=np.float32),
+        prior=np.full(n, 1 / n, np.float32),
+        counts=np.ones(n, np.int64),
+        class_names=[f"class_{k}" for k in range(1, n + 1)],
+        dataset=str(cfg.data.name),
+        ids=["img_00000"],
+        codes=np.zeros((1, *size), np.uint8),
+    )
+
+
 def _trainer(device: str, precision: str, meter: Meter, max_steps: int = -1) -> L.Trainer:
     return L.Trainer(
         accelerator=device,
@@ -253,6 +287,9 @@ def modules(cfg: DictConfig) -> dict[str, tuple[Callable[[], L.LightningModule],
     def classifier():
         return build_cam_classifier(cfg)
 
+    def conta_classifier():
+        return build_cam_classifier(cfg, random_confounders(cfg))
+
     def affinity():
         return build_affinity_module(cfg, None)
 
@@ -267,6 +304,8 @@ def modules(cfg: DictConfig) -> dict[str, tuple[Callable[[], L.LightningModule],
     return {
         "train_cam": (classifier, True),
         "make_cams": (classifier, False),
+        "train_cam_conta": (conta_classifier, True),
+        "make_cams_conta": (conta_classifier, False),
         "train_affinity": (affinity, True),
         "make_pseudo_masks": (affinity, False),
         "train_segmenter": (segmenter(False), True),
@@ -281,6 +320,8 @@ def batch_sizes(cfg: DictConfig, gpus: int) -> dict[str, int]:
     return {
         "train_cam": gpu_share(cfg.cam.batch_size, 1, gpus, "cam.batch_size"),
         "make_cams": int(cfg.cam.inference.batch_size),
+        "train_cam_conta": gpu_share(cfg.cam.batch_size, 1, gpus, "cam.batch_size"),
+        "make_cams_conta": int(cfg.cam.inference.batch_size),
         "train_affinity": gpu_share(cfg.affinity.batch_size, 1, gpus, "affinity.batch_size"),
         "make_pseudo_masks": int(cfg.affinity.inference_batch_size),
         "train_segmenter": gpu_share(

@@ -286,11 +286,15 @@ def gpu_stage_images(data: str, cfg: DictConfig) -> dict[str, int]:
 
 
 def project_gpu(data: str, cfg: DictConfig, rates: dict, precision: str, gpus: int) -> dict:
-    """Hours per GPU stage over the ROUNDS rounds on `gpus` GPUs, from one GPU's rates."""
-    return {
-        stage: ROUNDS * images / (gpus * rates[stage, precision, gpus].images_per_s) / 3600
-        for stage, images in gpu_stage_images(data, cfg).items()
-    }
+    """Hours per GPU stage over the ROUNDS rounds on `gpus` GPUs, from one GPU's rates: round 0
+    at the plain classifier's, rounds 1.. at the CONTA classifier's (context module and m)."""
+    conta_of = {base: conta for conta, base in gpu_stages.CONTA_STAGES.items()}
+    hours = {}
+    for stage, images in gpu_stage_images(data, cfg).items():
+        per_round = [stage] + [conta_of.get(stage, stage)] * (ROUNDS - 1)
+        seconds = sum(images / (gpus * rates[s, precision, gpus].images_per_s) for s in per_round)
+        hours[stage] = seconds / 3600
+    return hours
 
 
 def print_gpu_projection(cfgs: dict, measured: dict, gpu_rates: dict, args) -> None:

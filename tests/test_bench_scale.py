@@ -15,6 +15,8 @@ import scale  # noqa: E402
 STAGES = (
     "train_cam",
     "make_cams",
+    "train_cam_conta",
+    "make_cams_conta",
     "train_affinity",
     "make_pseudo_masks",
     "train_segmenter",
@@ -61,6 +63,10 @@ def test_the_gpu_projection_divides_each_stages_images_by_the_gpus_rate():
         for stage in STAGES
         for gpus in (1, 8)
     }
+    rates["train_cam_conta", "bf16-mixed", 8] = gpu_stages.Rate(1.0, 1, None)
     hours = scale.project_gpu("voc", cfg, rates, "bf16-mixed", 8)
+    assert set(hours) == set(STAGES) - set(gpu_stages.CONTA_STAGES)
     assert hours["train_segmenter"] == pytest.approx(scale.ROUNDS * 200_000 / (8 * 2.0) / 3600)
-    assert set(hours) == set(STAGES)
+    # Round 0 trains the plain classifier, rounds 1..3 the CONTA one (here at half the rate).
+    rounds = 1 / (8 * 2.0) + (scale.ROUNDS - 1) / (8 * 1.0)
+    assert hours["train_cam"] == pytest.approx(5 * 10_582 * rounds / 3600)
