@@ -210,7 +210,6 @@ def samples(
     }
 
 
-# -- one stage ----------------------------------------------------------------------------------
 def random_confounders(cfg: DictConfig) -> Confounders:
     """A confounder set of the experiment's classes and size with random C (the classifier's
     context module is built from it; the samples carry their own m)."""
@@ -227,6 +226,7 @@ def random_confounders(cfg: DictConfig) -> Confounders:
     )
 
 
+# -- one stage ----------------------------------------------------------------------------------
 def _trainer(device: str, precision: str, meter: Meter, max_steps: int = -1) -> L.Trainer:
     return L.Trainer(
         accelerator=device,
