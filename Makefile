@@ -1,4 +1,5 @@
-# Every target installs what it needs into $(VENV) first; pyproject.toml is the one dependency list.
+# Every target installs what it needs into $(VENV) first: pyproject.toml's dependencies at the exact
+# versions of constraints.txt (the lock CI passed with; `make lock` refreshes it).
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.install-stamp
@@ -6,18 +7,27 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
+.PHONY: help install lock train test test-full lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv and install the project with its dev extras
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+LOCK_VENV := .venv-lock
+lock: ## Re-resolve pyproject.toml's ranges in a fresh venv and write constraints.txt (then run make test)
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,2p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -v '^setuptools=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 train: install ## Default experiment (synth_conta, T=2) after its supervised bound (ARGS="key=value ..." for the main run)
 	$(PY) train.py experiment=synth_supervised
@@ -76,4 +86,4 @@ clean-outputs: ## Remove run outputs (outputs/)
 	rm -rf outputs
 
 clean: clean-outputs ## Remove the venv, caches and outputs
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -154,11 +154,56 @@ def test_shuffled_m_carries_no_information(location_task):
     assert CHANCE[0] <= acc <= CHANCE[1], acc
 
 
-@pytest.mark.parametrize(("post_conv", "learns"), [("none", False), ("1x1", True)])
-def test_after_layer4_the_logits_see_only_the_mean_of_m(location_task, post_conv, learns):
+@pytest.mark.parametrize(("post_conv", "reads_location"), [("none", False), ("1x1", True)])
+def test_after_layer4_the_logits_see_only_the_mean_of_m(location_task, post_conv, reads_location):
     """Concatenated after the last stage and followed by GAP, M reaches a logit only through
     its spatial mean, and every class-average mask has the same mean (the class's average
     area): the author's layer4_out cannot read where a mask lies. A 1x1 conv + ReLU after the
-    concatenation can (measured: 1.0)."""
-    acc, _ = _run(location_task, "calibrated", inject_at="layer4_out", post_concat_conv=post_conv)
-    assert (acc >= 0.9) if learns else (CHANCE[0] <= acc <= CHANCE[1]), acc
+    concatenation can.
+
+    Asserted on the mechanism, not on a trained accuracy: the same image under two context maps
+    of equal mean (the top-band mask and the left-band mask) must give equal logits without the
+    post conv, different ones with it (its M column set non-zero, as training moves it). Trained
+    for 8 epochs the 1x1 net sat at the edge of learning the task: measured on torch 2.14.1 it
+    stays at 0.54 after 8 and 16 epochs (four init seeds) and reaches 1.0 after 30, so a test on
+    its 8-epoch accuracy flipped with the installed packages."""
+    images, masks, labels, *_ = location_task
+    conf = _context("calibrated", masks, labels)
+    generator = torch.Generator().manual_seed(0)
+    net = _net(
+        conf.context_module(generator=generator),
+        generator=generator,
+        inject_at="layer4_out",
+        post_concat_conv=post_conv,
+    ).eval()
+    first_of = {c: int(np.flatnonzero(labels == c)[0]) for c in (0, 1)}
+    # The channel M puts in front of GAP: its mean is the same for every image of the task.
+    top, left = (torch.from_numpy(conf.masks[[first_of[c]]]) for c in (0, 1))
+    channel = [net.context_channel(m) for m in (top, left)]
+    assert torch.allclose(channel[0].mean(), channel[1].mean(), atol=0.05)  # one mean ...
+    assert not torch.allclose(channel[0], channel[1])  # ... two places
+    if net.post_conv is not None:
+        with torch.no_grad():
+            net.post_conv[0].weight[:, -1, 0, 0] = torch.linspace(
+                -1, 1, net.post_conv[0].out_channels
+            )
+    frame = torch.from_numpy(frame_grid(SIZE, SIZE)).permute(2, 0, 1)[None]
+    # Mean-matched maps: the top-band map and its transpose, the same values in a left band (the
+    # picture is a left-to-right ramp, so a map moved along a column would look the same).
+    m_top = channel[0]
+    with torch.no_grad():
+        logits = [
+            _logits_with_channel(net, images[:1], m, frame)
+            for m in (m_top, m_top.transpose(-1, -2))
+        ]
+    same = torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert same != reads_location, (logits, post_conv)
+
+
+def _logits_with_channel(net: CAMNet, image, channel, frame) -> torch.Tensor:
+    """The net's logits with `channel` in place of its context channel."""
+    net.context_channel = lambda *_, **__: channel  # noqa: B023 - evaluated at once
+    try:
+        return net(image, torch.zeros(1, *GRID), frame)
+    finally:
+        del net.context_channel
