@@ -7,7 +7,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test test-full lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
+.PHONY: help install lock train test test-full preflight lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,6 +38,24 @@ test: install ## Fast test suite (no slow or GPU tests)
 
 test-full: install ## Every test, slow ones included
 	$(PYTEST) $(ARGS)
+
+# Every paper recipe end to end at paper shapes (debug=preflight: rounds 0-1, two images a split,
+# two optimizer steps a training stage) on generated VOC 2012 + SBD and COCO 2014 folders of
+# VOC-sized images, random init (pretrained=false), on the CPU; SEC also under DDP (2 ranks).
+# The reports project to the real split sizes.
+PREFLIGHT_DATA ?= outputs/preflight-data
+PREFLIGHT := $(PY) train.py debug=preflight trainer=cpu pretrained=false num_workers=0 callbacks.rich_progress_bar=null
+PREFLIGHT_VOC := data.root=$(PREFLIGHT_DATA)/VOC2012 data.cache_dir=$(PREFLIGHT_DATA)/cache/voc \
+  'preflight.split_sizes={train_aug:10582,train:1464,val:1449}'
+PREFLIGHT_COCO := data.root=$(PREFLIGHT_DATA)/coco data.cache_dir=$(PREFLIGHT_DATA)/cache/coco \
+  'preflight.split_sizes={train:82081,val:40137}'
+preflight: install ## Every paper experiment end to end at paper shapes on generated VOC/COCO folders (CPU, ~20 min)
+	$(PY) -m src.datamodules.layouts voc $(PREFLIGHT_DATA)/VOC2012 --train-aug 2 --train 2 --val 2
+	$(PY) -m src.datamodules.layouts coco $(PREFLIGHT_DATA)/coco --train 2 --val 2
+	for experiment in voc_conta voc_seam_conta voc_dsrg_conta voc_supervised; do \
+	  $(PREFLIGHT) experiment=$$experiment $(PREFLIGHT_VOC) $(ARGS) || exit 1; done
+	$(PREFLIGHT) experiment=voc_sec_conta $(PREFLIGHT_VOC) trainer=ddp_cpu preflight.batch_size=2 $(ARGS)
+	$(PREFLIGHT) experiment=coco_conta $(PREFLIGHT_COCO) $(ARGS)
 
 lint: install ## ruff check + format check
 	$(VENV)/bin/ruff check .

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from src.datamodules.palette import read_label_png, save_label_png  # noqa: E402
 from src.evaluation.cam import ThresholdSweep  # noqa: E402
 from src.evaluation.metrics import SegmentationMetric  # noqa: E402
+from src.pipeline.projection import projected_hours  # noqa: E402
 from src.pipeline.stages.cam import cam_encoder, load_cam  # noqa: E402
 from src.pipeline.stages.irnet import _ir_label_job  # noqa: E402
 from src.pipeline.stages.psa import _psa_label_job  # noqa: E402
@@ -264,11 +265,12 @@ def project(data: str, cfg: DictConfig, rates: dict, node_processes: int, gpus: 
         "crf_segmenter": rates["crf_segmenter"],
         "crf_segmenter scoring": rates["eval_png"],
     }
-    hours = {}
-    for stage, (images, who) in stage_images(data, cfg).items():
-        processes = max(gpus, node_processes) if who == "pool" else gpus
-        hours[stage] = ROUNDS * images * per_image[stage] / processes / 3600
-    return hours
+    images = stage_images(data, cfg)
+    processes = {
+        s: max(gpus, node_processes) if who == "pool" else gpus for s, (_, who) in images.items()
+    }
+    units = {stage: n for stage, (n, _) in images.items()}
+    return projected_hours(units, lambda _round, stage: per_image[stage], ROUNDS, processes)
 
 
 def gpu_stage_images(data: str, cfg: DictConfig) -> dict[str, int]:
@@ -289,12 +291,12 @@ def project_gpu(data: str, cfg: DictConfig, rates: dict, precision: str, gpus: i
     """Hours per GPU stage over the ROUNDS rounds on `gpus` GPUs, from one GPU's rates: round 0
     at the plain classifier's, rounds 1.. at the CONTA classifier's (context module and m)."""
     conta_of = {base: conta for conta, base in gpu_stages.CONTA_STAGES.items()}
-    hours = {}
-    for stage, images in gpu_stage_images(data, cfg).items():
-        per_round = [stage] + [conta_of.get(stage, stage)] * (ROUNDS - 1)
-        seconds = sum(images / (gpus * rates[s, precision, gpus].images_per_s) for s in per_round)
-        hours[stage] = seconds / 3600
-    return hours
+
+    def seconds_per_image(round_idx: int, stage: str) -> float:
+        timed = conta_of.get(stage, stage) if round_idx > 0 else stage
+        return 1 / rates[timed, precision, gpus].images_per_s
+
+    return projected_hours(gpu_stage_images(data, cfg), seconds_per_image, ROUNDS, gpus)
 
 
 def print_gpu_projection(cfgs: dict, measured: dict, gpu_rates: dict, args) -> None:

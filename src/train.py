@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from src.pipeline.driver import run_pipeline
+from src.pipeline.preflight import run_preflight
 from src.pipeline.runtime import (
     RankFailed,
     end_distributed,
@@ -42,6 +43,8 @@ def train(cfg: DictConfig) -> dict:
     error is shown once."""
     stop_watch = exit_with_rank_zero()
     try:
+        if cfg.get("preflight"):  # debug=preflight
+            return run_preflight(cfg)
         return run_pipeline(cfg)  # prepares the data on rank 0 before fingerprinting it
     except RankFailed as error:
         log.error("%s", error)

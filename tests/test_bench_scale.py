@@ -35,6 +35,7 @@ def test_a_gpus_share_is_the_pipelines_and_rounds_up_where_it_does_not_divide(
     assert gpu_stages.gpu_share(batch, accumulate, gpus, "key") == share
 
 
+@pytest.mark.slow  # 68 s: every GPU stage twice on the CPU (make bench-gpu runs it on a GPU)
 def test_every_gpu_stage_runs_in_both_precisions_at_its_share():
     cfg = gpu_stages.compose_experiment("synth_conta")
     rates = gpu_stages.measure(

@@ -32,15 +32,7 @@ def plain(value) -> bool:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
     # Paper experiments use ImageNet weights; instantiate the same architecture without them.
-    cfg = compose_cfg(
-        [
-            f"experiment={experiment}",
-            "backbone.weights=null",
-            "segmenter.backbone.weights=null",
-            "trainer=cpu",
-        ],
-        tmp_path,
-    )
+    cfg = compose_cfg([f"experiment={experiment}", "pretrained=false", "trainer=cpu"], tmp_path)
     OmegaConf.resolve(cfg)
     # Runs are named by their data x method x conta point (the classifier-only recipes by data
     # and method, + _cam), so a sweep's jobs never share a folder; the bound by itself.
@@ -58,7 +50,6 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
     if "seeded" in cfg:  # SEC / DSRG: the net on its recipe's backbone, without weights
         with open_dict(cfg):
             cfg.seeded.backbone_init = "pretrained"
-            cfg.seeded.backbone.weights = None
         seeded = build_seeded_module(cfg, None)
         assert seeded.net.output_stride == 8 and seeded.num_classes == cfg.data.num_classes
         modules.append(seeded)

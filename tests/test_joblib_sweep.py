@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import FAST_CAM, TINY_SYNTH
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 44 s: three jobs on two loky processes
 def test_every_job_of_a_joblib_sweep_runs(tmp_path):
     """Three jobs on two loky processes, each with DataLoader workers and a CRF process pool.
     Three faults of the launcher are covered: it restores the resolvers it saw at start-up before

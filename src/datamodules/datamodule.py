@@ -150,6 +150,9 @@ def build_dataset(
             )
     else:
         raise DatasetError(f"data.format={fmt!r} is not one of {FORMATS}.")
+    max_images = _get(data_cfg, "max_images")
+    if max_images is not None:  # a preflight: the first images of every split (after the policy)
+        ds.keep_first(int(max_images))
     return ds
 
 
@@ -353,7 +356,7 @@ class WSSSDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 2,
         crop_size: int = 512,
-        scale_range: tuple[float, float] = (0.5, 1.5),
+        scale_range: tuple[float, float] | None = (0.5, 1.5),
         resize_long: tuple[int, int] | None = None,
         predict_batch_size: int = 1,
         extra_train_targets: Mapping[str, ExtraTarget] | None = None,
@@ -369,7 +372,7 @@ class WSSSDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.crop_size = int(crop_size)
-        self.scale_range = tuple(scale_range)
+        self.scale_range = tuple(scale_range) if scale_range is not None else None
         self.resize_long = tuple(resize_long) if resize_long is not None else None
         self.predict_batch_size = int(predict_batch_size)
         self.extra_train_targets = dict(extra_train_targets or {})

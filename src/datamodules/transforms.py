@@ -191,7 +191,7 @@ class SegTransform:
 
 def train_transform(
     crop_size: int,
-    scale_range: tuple[float, float] = (0.5, 1.5),
+    scale_range: tuple[float, float] | None = (0.5, 1.5),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     resize_long: tuple[int, int] | None = None,
@@ -201,8 +201,9 @@ def train_transform(
     scale_choices: Sequence[float] | None = None,
 ) -> SegTransform:
     """Random rescale (long side ~ U{resize_long} as IRNet; a factor drawn from
-    ``scale_choices`` as deeplab-pytorch; else a factor ~ U[scale_range]), h-flip, pad to
-    ``crop_size`` (image 0 = mean colour, mask 255), random crop."""
+    ``scale_choices`` as deeplab-pytorch; else a factor ~ U[scale_range]; none of them: no
+    rescale, as PSA), h-flip, pad to ``crop_size`` (image 0 = mean colour, mask 255), random
+    crop."""
     if resize_long is not None and scale_choices is not None:
         raise ValueError("give resize_long or scale_choices, not both")
     if scale_choices is not None:
@@ -233,7 +234,7 @@ def train_transform(
             interpolation=cv2.INTER_LINEAR,
             mask_interpolation=cv2.INTER_NEAREST,
         )
-    else:
+    elif scale_range is not None:
         lo_s, hi_s = (float(v) for v in scale_range)
         if not 0 < lo_s <= hi_s:
             raise ValueError(
@@ -246,7 +247,9 @@ def train_transform(
             mask_interpolation=cv2.INTER_NEAREST,
             p=1.0,
         )
-    geometry: list[A.BasicTransform] = [resize]
+    else:
+        resize = None
+    geometry: list[A.BasicTransform] = [resize] if resize is not None else []
     if hflip:
         geometry.append(A.HorizontalFlip(p=0.5))
     geometry += [

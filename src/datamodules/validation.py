@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from src.datamodules.palette import IGNORE_INDEX, read_label_png
+from src.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _DECODE_ERRORS = (
 _SHOW = 5  # how many offending files an error lists
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data set on disk does not match what the config says; the message names file and fix."""
 
 

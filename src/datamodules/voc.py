@@ -112,6 +112,12 @@ class SegmentationDataset(Dataset, ABC):
             self.context_paths = [self.context_paths[i] for i in keep]
         self._keep_extra(keep)
 
+    def keep_first(self, n: int) -> None:
+        """Keep the first n images (data.max_images: a preflight's few images per split)."""
+        if n < 1:
+            raise V.DatasetError(f"data.max_images={n}: keep at least one image per split")
+        self._keep(np.arange(min(n, len(self.ids))))
+
     def _keep_extra(self, keep: np.ndarray) -> None:
         """Subclass hook for its own per-image lists."""
 
@@ -275,6 +281,12 @@ class VOCSegmentation(SegmentationDataset):
         """HxW uint8 class ids (palette PNG read as indices; 255 = ignore)."""
         self.mask_reads += 1
         return V.read_label_map(self.mask_paths[i])
+
+    def keep_first(self, n: int) -> None:
+        """Keep the first n images (data.max_images: a preflight's few images per split)."""
+        if n < 1:
+            raise V.DatasetError(f"data.max_images={n}: keep at least one image per split")
+        self._keep(np.arange(min(n, len(self.ids))))
 
     def _keep_extra(self, keep: np.ndarray) -> None:
         self.mask_paths = [self.mask_paths[i] for i in keep]

@@ -92,6 +92,9 @@ class ThresholdSweep(Metric):
             raise ValueError(f"ignore_index={ignore_index} collides with a class id")
         # The configured threshold is always one of the swept ones, so it is reported exactly.
         configured = float(configured_threshold)
+        outside = [float(t) for t in (*thresholds, configured) if not 0.0 <= float(t) <= 1.0]
+        if outside:  # CAMs are max-normalised: a background plane outside [0, 1] decides nothing
+            raise ValueError(f"CAM background thresholds {outside} lie outside [0, 1]")
         thr = np.unique(np.append(np.asarray(thresholds, dtype=np.float64), configured))
         self.thresholds = [float(t) for t in thr]
         self.configured_threshold = configured

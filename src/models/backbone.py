@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
+from src.utils.errors import UserError
 from src.utils.untrusted import Source, read_torch, tensor_state_dict
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 NORM_MODES = ("train", "fixed", "frozen")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights were asked for but cannot be loaded (offline machine, missing file)."""
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from src.utils.errors import UserError
 from src.utils.io import atomic_save_npz, atomic_write_json
 from src.utils.untrusted import Source, check_fields, parse_json, read_npz
 
@@ -47,7 +48,7 @@ Encoding = Literal["foreground", "class_id"]
 Prior = Literal["uniform", "empirical"]
 
 
-class ConfounderError(ValueError):
+class ConfounderError(UserError, ValueError):
     """The confounder file is missing, inconsistent with the run, or lacks an image."""
 
 

@@ -60,9 +60,11 @@ class StageDir:
         artifacts: list[str],
         config: dict | None = None,
         results: dict | None = None,
+        resources: dict | None = None,
     ):
         """`results`: the stage's results.json record (prefix, values, nested), kept so that
-        another run can reuse this stage (src/pipeline/reuse.py)."""
+        another run can reuse this stage (src/pipeline/reuse.py); `resources`: its peak memory
+        and bytes written (src/pipeline/resources.py)."""
         atomic_write_json(
             self.done_file,
             {
@@ -74,6 +76,7 @@ class StageDir:
                 "seconds": round(seconds, 2),
                 "artifacts": sorted(artifacts),
                 "results": results or {},
+                "resources": resources or {},
             },
         )
 

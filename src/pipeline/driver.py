@@ -27,9 +27,11 @@ from src.evaluation.report import (
 )
 from src.pipeline.artifacts import StageDir
 from src.pipeline.batching import check_global_batches
+from src.pipeline.checks import check_before_work
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
+from src.pipeline.resources import folder_bytes, stage_resources
 from src.pipeline.reuse import StageRecord, reuse_stage
 from src.pipeline.runtime import (
     barrier,
@@ -75,6 +77,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     plan = check_stages(cfg)
     if cfg.round < 0:
         raise PipelineError(f"round={cfg.round} must be >= 0")
+    check_before_work(cfg)
     check_global_batches(cfg, plan, configured_world_size(cfg))
 
     def start_run() -> None:
@@ -215,7 +218,7 @@ def _run_stage(
             finish_loggers(ctx.loggers, status)
         return result
 
-    def record(result) -> None:
+    def record(result, usage: dict) -> None:
         seconds = time.perf_counter() - start
         # Stages without a results row still record their seconds.
         row = StageRecord(result.prefix or stage.name, result.results or {}, result.nested)
@@ -227,14 +230,16 @@ def _run_stage(
             artifacts=result.artifacts,
             config=picked,
             results=row.to_json(),
+            resources={**usage, "bytes": folder_bytes(sdir.path)},
         )
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
 
     # Every rank runs the stage (its trainers or its shards, src/pipeline/sharding.py, sync
     # them); rank 0 keeps the books in a settle rather than behind a bare barrier, so that when it
     # fails every rank stops at once (runtime.ranks_settle) instead of waiting out the timeout.
-    result = execute()
-    run_on_rank_zero(lambda: record(result), f"round {round_idx}: {stage.name}")
+    with stage_resources() as usage:
+        result = execute()
+    run_on_rank_zero(lambda: record(result, usage), f"round {round_idx}: {stage.name}")
     return True
 
 

@@ -97,9 +97,12 @@ def data_fingerprints(data_cfg: Any, splits: Iterable[str]) -> dict[str, str]:
     the folder has the same fingerprint."""
     cache = DigestCache(_get(data_cfg, "cache_dir"))
     root = Path(str(data_cfg.root))
+    max_images = _get(data_cfg, "max_images")
     out = {}
     for split in dict.fromkeys(splits):
         sha = hashlib.sha1()
+        if max_images is not None:  # the first N images of the split are other data
+            sha.update(f"max_images\0{int(max_images)}\n".encode())
         files = split_files(data_cfg, split)
         for path in files:
             name = os.path.relpath(path, root)

@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from src.pipeline.stage import ROLES, Stage
+from src.utils.errors import UserError
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     pass
 
 

@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.callbacks.finite_loss import FiniteLoss
+
 log = logging.getLogger(__name__)
 
 
@@ -268,8 +270,9 @@ def build_trainer(
     callbacks: list[L.Callback] | None = None,
     **overrides,
 ) -> L.Trainer:
-    """A fresh Trainer per stage (a Trainer reused after fit silently does nothing)."""
-    cbs = build_callbacks(cfg, stage_dir) if training else _progress_only(cfg)
+    """A fresh Trainer per stage (a Trainer reused after fit silently does nothing). A training
+    trainer always stops at a non-finite loss (FiniteLoss), whatever `callbacks` says."""
+    cbs = [*build_callbacks(cfg, stage_dir), FiniteLoss()] if training else _progress_only(cfg)
     return instantiate(
         cfg.trainer,
         default_root_dir=str(stage_dir),

@@ -39,9 +39,18 @@ def encode_logits(logits: np.ndarray, dtype: str, min_prob: float) -> dict[str, 
     """The arrays of one image's logits file (see the module docstring)."""
     check_logits_store(dtype, min_prob)
     logits = np.asarray(logits, dtype=np.float32)
+    if not np.isfinite(logits).all():
+        # Every finite softmax keeps at least one class (its max is >= 1 / C); a NaN one keeps
+        # none, and decode_logits rightly refuses a file without classes.
+        raise ValueError(
+            "the segmenter predicts non-finite logits (a diverged model): nothing is stored. "
+            "Fix: retrain train_segmenter (force=[train_segmenter]) with settings that train"
+        )
     log_p = _log_softmax(logits.astype(np.float64))
     if min_prob > 0:
         keep = np.flatnonzero(log_p.reshape(len(logits), -1).max(axis=1) >= np.log(min_prob))
+        # Every pixel's argmax class too: already kept unless min_prob > 1 / C, and never none.
+        keep = np.union1d(keep, np.unique(log_p.argmax(axis=0)))
     else:
         keep = np.arange(len(logits))
     out = {"classes": keep.astype(np.int16)}

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from src.utils.errors import UserError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -32,7 +34,7 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-class DiskWriteError(OSError):
+class DiskWriteError(UserError, OSError):
     """A file could not be written: the disk is full or the folder is read-only. str() is one
     line with the path and the fix; errno, strerror and filename are the OSError's. Build it
     with `disk_write_error`."""

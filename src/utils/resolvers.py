@@ -22,7 +22,17 @@ def last_round(rounds: int, enabled: bool) -> int:
     return int(rounds) if bool(enabled) else 0
 
 
+def pretrained(with_weights, without=None, *, _root_):
+    """`with_weights` unless the root switch says `pretrained=false`, then `without`: one
+    override turns every network of a recipe to random init, nothing downloaded. Used for the
+    weight names (without: null) and for BatchNorm modes that keep ImageNet's statistics
+    (frozen / fixed; without: train, since a random net has no statistics worth keeping and
+    its activations overflow through 100 frozen layers: DeepLab's loss was NaN in 2 steps)."""
+    return with_weights if bool(_root_.get("pretrained", True)) else without
+
+
 def register() -> None:
-    for name, fn in (("with_conta", with_conta), ("last_round", last_round)):
+    resolvers = (("with_conta", with_conta), ("last_round", last_round), ("pretrained", pretrained))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

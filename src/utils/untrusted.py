@@ -19,10 +19,12 @@ from typing import Any, NoReturn, get_args, get_origin
 import numpy as np
 import torch
 
+from src.utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class UntrustedFileError(ValueError):
+class UntrustedFileError(UserError, ValueError):
     """A file whose content is not what the project writes."""
 
 

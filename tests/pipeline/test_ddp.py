@@ -142,14 +142,15 @@ def test_sharded_inference_matches_a_single_process_run(tmp_path):
 
 
 def test_a_sharded_stage_failing_ends_every_rank(tmp_path):
-    """eval_cams (sharded; train_cam has started the second rank) meets a sweep threshold it
-    cannot read, on both ranks alike: both end promptly and non-zero; rank 0 shows the error,
+    """eval_cams (sharded; train_cam has started the second rank) meets a sweep threshold
+    outside [0, 1] (of the right type, so the start-up checks let it through), on both ranks
+    alike: both end promptly and non-zero; rank 0 shows the error,
     once, and the other rank says in one line that it failed the same way."""
     done, seconds, ended = launch(
         tmp_path,
         "trainer=ddp_cpu",
         "stages=[train_cam,make_cams,eval_cams]",
-        "cam.eval.sweep=[0.1,high]",  # read by eval_cams alone
+        "cam.eval.sweep=[0.1,1.5]",  # read by eval_cams alone
     )
     out = done.stdout + done.stderr
     failed = logged_at(out, "rank 0 failed in round 0: eval_cams")
@@ -159,7 +160,7 @@ def test_a_sharded_stage_failing_ends_every_rank(tmp_path):
     assert ended - failed < EXIT_BOUND_S, out[-4000:]
     assert seconds < COMMAND_BOUND_S, out[-4000:]
     assert done.returncode != 0, out[-4000:]
-    assert out.count("could not convert string to float: 'high'") == 1, out[-6000:]
+    assert out.count("CAM background thresholds [1.5] lie outside [0, 1]") == 1, out[-6000:]
     assert out.count("Traceback (most recent call last)") == 1, out[-6000:]
     same = "rank 1 failed in round 0: eval_cams with the same error as rank 0"
     assert out.count(same) == 1, out[-4000:]
@@ -307,6 +308,7 @@ def test_a_rank_started_by_rank_zero_ends_with_it(tmp_path):
     assert "rank 1: rank 0 (pid" in done.stderr and "has ended; stopping too" in done.stderr
 
 
+@pytest.mark.slow  # 27 s; test_sharded_cpu_stages_match_a_single_process_run keeps the path fast
 def test_sharded_cue_summary_matches_a_single_process_run(tmp_path):
     """SEC's make_cues first in a DDP invocation: each rank writes and reads back half the cue
     files; the joined summary (counts, named examples) and the files equal one process's."""

@@ -81,6 +81,7 @@ TABLE: list[tuple] = [
     ("data.cache_dir", NOTHING),
     ("data.generator.*", NOTHING),
     ("data.splits.*", NOTHING),
+    ("data.max_images", NOTHING),  # enters every split's fingerprint (test_max_images_...)
     ("seed", ALL),
     # The machine, not the recipe (a run moved to other hardware continues).
     ("num_workers", NOTHING),
@@ -167,6 +168,9 @@ STRUCTURE = {
     "conta.enabled",
     "conta.suffix",
     "conta.rounds",
+    # Acts only through the `${pretrained:...}` leaves it resolves (weights, BatchNorm modes),
+    # each of which is in TABLE.
+    "pretrained",
 }
 
 FINGERPRINTS = {"train": "T", "val": "V", "train_aug": "TA"}
@@ -318,3 +322,14 @@ def test_digests_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "open", counting_open)
     assert data_fingerprints(cfg.data, ["train"]) == first
     assert not [p for p in opened if p.suffix in (".jpg", ".png")]
+
+
+def test_max_images_changes_every_fingerprint(tmp_path):
+    """A preflight's first N images are other data than the whole split."""
+    cfg = compose_cfg(["experiment=synth_cam", *TINY_SYNTH], tmp_path)
+    prepare_data(cfg.data)
+    whole = data_fingerprints(cfg.data, ["train", "val"])
+    with open_dict(cfg):
+        cfg.data.max_images = 4
+    cut = data_fingerprints(cfg.data, ["train", "val"])
+    assert all(cut[s] != whole[s] for s in whole)

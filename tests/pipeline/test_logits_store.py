@@ -89,3 +89,17 @@ def test_files_that_do_not_fit_are_refused_naming_the_file(tmp_path, arrays, mes
     atomic_save_npz(tmp_path / "b.npz", **{**base, **arrays})
     with pytest.raises(MissingArtifactError, match=rf"b\.npz.*{message}.*predict_segmenter"):
         read_logits(tmp_path / "b.npz", 21)
+
+
+def test_what_the_writer_stores_the_reader_accepts():
+    """d04b298: a NaN segmenter's logits were stored with no class, which the reader (rightly)
+    refuses. Non-finite logits are refused at writing; a floor above 1 / C still keeps every
+    pixel's argmax class."""
+    fail = pytest.fail
+    with pytest.raises(ValueError, match="non-finite logits"):
+        encode_logits(np.full((21, 4, 4), np.nan, np.float32), "uint8", 1e-6)
+    flat = np.zeros((21, 4, 4), np.float32)  # every class at 1 / 21 < the floor of 0.5
+    for dtype in ("uint8", "float16"):
+        arrays = encode_logits(flat, dtype, 0.5)
+        _, classes = decode_logits(arrays, 21, fail)
+        assert len(classes) >= 1

@@ -150,7 +150,7 @@ def test_sigkill_mid_stage_then_rerun_equals_an_uninterrupted_run(tmp_path):
         assert abs(got[key] - want[key]) < 1e-6, key
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, workers):
     """Three epochs of train_cam, killed in the second (after the first epoch's checkpoint);
     the rerun resumes from checkpoints/last.ckpt at step 3 and must end with the same weights,

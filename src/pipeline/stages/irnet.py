@@ -159,7 +159,7 @@ def train_affinity(ctx: StageContext) -> StageResult:
     aff = cfg.affinity
     transform = train_transform(
         aff.crop_size,
-        scale_range=tuple(aff.scale_range),
+        scale_range=aff.scale_range,
         mean=cfg.data.mean,
         std=cfg.data.std,
         extra_targets={"ir_label": "label"},

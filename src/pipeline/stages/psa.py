@@ -78,15 +78,13 @@ def make_psa_labels(ctx: StageContext) -> StageResult:
 def train_psa_affinity(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     aff = cfg.affinity
-    resize = {"resize_long": tuple(aff.resize_long)} if aff.resize_long else {}
-    if aff.scale_range:
-        resize["scale_range"] = tuple(aff.scale_range)
     transform = train_transform(
         aff.crop_size,
+        scale_range=aff.scale_range,  # null with resize_long null: crops only, as PSA
+        resize_long=aff.resize_long,
         mean=cfg.data.mean,
         std=cfg.data.std,
         extra_targets={"ir_label": "label"},
-        **resize,
     )
     module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
     metrics = fit_on_affinity_labels(ctx, module, transform, PSA_WEIGHTS)

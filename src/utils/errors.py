@@ -1,0 +1,33 @@
+"""The one base class of the errors a user can fix: bad settings, missing or corrupt files."""
+
+
+class UserError(Exception):
+    """Raised with a message that names the key or file and the fix. The entry scripts show
+    such an error as one line and exit with status 2; any other exception is a bug and keeps
+    its traceback."""
+
+
+USER_ERROR_EXIT = 2
+
+
+def exit_on_user_error(main):
+    """Wrap an entry point's task function: a UserError is logged as one line (no traceback)
+    and exits with status 2. In a Hydra multirun the error is re-raised instead, so the
+    launcher records that job as failed the way it records any other."""
+    import functools
+    import logging
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            logging.getLogger(main.__module__).error("%s: %s", type(error).__name__, error)
+            raise SystemExit(USER_ERROR_EXIT) from None
+
+    return wrapped
