@@ -110,11 +110,11 @@ def test_conta_paper_settings(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
     assert cfg.round == 3 and cfg.stages[-1] == "confounders"
     assert list(cfg.conta.size) == [32, 32] and cfg.conta.prior == "uniform"
-    # The live module at the last block's input (see conf/conta/default.yaml); the paper's
-    # literal Eq. 3 after layer4 is one override away, for the ablation.
+    # The paper's module (Eq. 3 as printed) after the last block, as the author reads it
+    # (conf/context/paper.yaml); this project's live variant is one override away.
     assert (cfg.conta.context, cfg.conta.inject_at, cfg.conta.post_concat_conv) == (
-        "calibrated",
-        "layer4_in",
+        "paper",
+        "layer4_out",
         "none",
     )
     assert (cfg.conta.init, cfg.conta.c_source, cfg.conta.m_source, cfg.conta.ablate) == (
@@ -123,10 +123,12 @@ def test_conta_paper_settings(experiment):
         "own",
         "none",
     )
-    paper = compose_cfg(
-        [f"experiment={experiment}", "conta.context=paper", "conta.inject_at=layer4_out"]
+    variant = compose_cfg(
+        [f"experiment={experiment}", "conta.context=calibrated", "conta.inject_at=layer4_in"]
     )
-    assert (paper.conta.context, paper.conta.inject_at) == ("paper", "layer4_out")
+    assert (variant.conta.context, variant.conta.inject_at) == ("calibrated", "layer4_in")
+    synth = compose_cfg(["experiment=synth_conta"])  # the CPU recipes keep the measured variant
+    assert (synth.conta.context, synth.conta.inject_at) == ("calibrated", "layer4_in")
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu"])
@@ -188,3 +190,22 @@ def test_coco_cues_are_sized_for_81_classes():
     cfg = compose_cfg(["experiment=coco_conta", "method=dsrg"])
     assert cfg.data.num_classes == 81 and cfg.experiment_name == "coco_dsrg_conta"
     assert cue_grid(cfg) == (41, 41)
+
+
+def test_seam_paper_settings_are_seams():
+    """Each value against YudeWang/SEAM (the file named beside it in the recipe)."""
+    cfg = compose_cfg(["experiment=voc_seam_conta"])
+    aff, cam = cfg.affinity, cfg.cam
+    # infer_aff.py --alpha 6 --logt 6 --beta 8; infer_SEAM.py crf_alpha = [4, 24]
+    assert (aff.module.bg_alpha, aff.module.logt, aff.module.beta) == (6, 6, 8)
+    assert (aff.psa_label.low_alpha, aff.psa_label.high_alpha) == (4, 24)
+    # train_aff.py: lr 0.01, wt_dec 5e-4, crop 448 with flip and colour jitter, no rescale
+    assert (aff.optimizer.lr, aff.optimizer.weight_decay, aff.crop_size) == (0.01, 5e-4, 448)
+    assert aff.resize_long is None and aff.scale_range is None
+    assert list(aff.color_jitter) == [0.3, 0.3, 0.3, 0.1] == list(cam.color_jitter)
+    # infer_SEAM.py: min-max normalisation; resnet38d.py / resnet38_SEAM.py: BN and stage 1 frozen
+    assert cam.inference.normalise == "min_max"
+    assert (cfg.backbone.norm, cfg.backbone.frozen_stages) == ("frozen", 1)
+    # IRNet's recipe stays IRNet's: no jitter, max normalisation
+    irnet = compose_cfg(["experiment=voc_conta"])
+    assert irnet.cam.color_jitter is None and irnet.cam.inference.normalise == "max"

@@ -358,6 +358,7 @@ class WSSSDataModule(L.LightningDataModule):
         crop_size: int = 512,
         scale_range: tuple[float, float] | None = (0.5, 1.5),
         resize_long: tuple[int, int] | None = None,
+        color_jitter: tuple[float, float, float, float] | None = None,
         predict_batch_size: int = 1,
         extra_train_targets: Mapping[str, ExtraTarget] | None = None,
         extra_eval_targets: Mapping[str, ExtraTarget] | None = None,
@@ -374,6 +375,7 @@ class WSSSDataModule(L.LightningDataModule):
         self.crop_size = int(crop_size)
         self.scale_range = tuple(scale_range) if scale_range is not None else None
         self.resize_long = tuple(resize_long) if resize_long is not None else None
+        self.color_jitter = tuple(color_jitter) if color_jitter is not None else None
         self.predict_batch_size = int(predict_batch_size)
         self.extra_train_targets = dict(extra_train_targets or {})
         self.extra_eval_targets = dict(extra_eval_targets or {})
@@ -421,6 +423,7 @@ class WSSSDataModule(L.LightningDataModule):
                 self.mean,
                 self.std,
                 resize_long=self.resize_long,
+                color_jitter=self.color_jitter,
                 extra_targets=self._kinds(self.extra_train_targets),
             )
             self.train_set = self._build(self.train_split, t, self.extra_train_targets)

@@ -199,8 +199,10 @@ def train_transform(
     extra_targets: Mapping[str, str] | None = None,
     seed: int | None = None,
     scale_choices: Sequence[float] | None = None,
+    color_jitter: Sequence[float] | None = None,
 ) -> SegTransform:
-    """Random rescale (long side ~ U{resize_long} as IRNet; a factor drawn from
+    """Colour jitter (``color_jitter`` = brightness, contrast, saturation, hue, as SEAM/PSA's
+    torchvision ColorJitter; the image only), random rescale (long side ~ U{resize_long} as IRNet; a factor drawn from
     ``scale_choices`` as deeplab-pytorch; else a factor ~ U[scale_range]; none of them: no
     rescale, as PSA), h-flip, pad to ``crop_size`` (image 0 = mean colour, mask 255), random
     crop."""
@@ -249,7 +251,12 @@ def train_transform(
         )
     else:
         resize = None
-    geometry: list[A.BasicTransform] = [resize] if resize is not None else []
+    geometry: list[A.BasicTransform] = []
+    if color_jitter is not None:
+        brightness, contrast, saturation, hue = (float(v) for v in color_jitter)
+        geometry.append(A.ColorJitter(brightness, contrast, saturation, hue, p=1.0))
+    if resize is not None:
+        geometry.append(resize)
     if hflip:
         geometry.append(A.HorizontalFlip(p=0.5))
     geometry += [

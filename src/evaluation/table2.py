@@ -76,6 +76,7 @@ class Run:
     conta: bool
     seed: int
     rounds: dict[int, dict[str, float | None]]
+    context: str | None = None  # the CONTA rounds' context module (older files: not recorded)
 
     @property
     def last_round(self) -> int:
@@ -205,6 +206,9 @@ def read_run(path: str | os.PathLike) -> Run | None:
     for key in ("method", "data"):
         if not _NAME.match(obj[key]):
             src.fail(f"[{key!r}] = {obj[key][:64]!r} is not a config name")
+    context = obj.get("context")
+    if context is not None and not (type(context) is str and _NAME.match(context)):
+        src.fail(f"['context'] is {describe(context)}, expected a config name or null")
     rounds: dict[int, dict[str, float | None]] = {}
     for r, row in obj["rounds"].items():
         if not re.fullmatch(r"\d{1,4}", r) or type(row) is not dict:
@@ -217,7 +221,7 @@ def read_run(path: str | os.PathLike) -> Run | None:
         src.fail("has no round 0 (the baseline)")
     if obj["conta"] and max(rounds) == 0:
         src.fail("is a conta=on run with round 0 only (no CONTA round finished)")
-    return Run(path, obj["data"], obj["method"], obj["conta"], obj["seed"], rounds)
+    return Run(path, obj["data"], obj["method"], obj["conta"], obj["seed"], rounds, context)
 
 
 def gather_runs(dirs: Sequence[str | os.PathLike]) -> list[Run]:
@@ -251,6 +255,17 @@ def _arm(label: str, source: str, runs: list[Run], round_of: dict[Path, int]) ->
     return Arm(label, source, values)
 
 
+# What each context module is called in a row label: no number is called CONTA that is not.
+CONTEXT_LABELS = {"paper": "Eq. 3", "calibrated": "calibrated variant"}
+# Deviations from a method's reference that hold at every scale, marked on its rows
+# (docs/deviations.md lists them all).
+METHOD_MARKS = {"sec": "saliency-free cues", "dsrg": "saliency-free cues"}
+
+
+def _context_label(context: str | None) -> str:
+    return "" if context is None else f" ({CONTEXT_LABELS.get(context, context)})"
+
+
 def _block(data: str, method: str, runs: list[Run]) -> Block:
     off = [run for run in runs if not run.conta]
     on = [run for run in runs if run.conta]
@@ -264,8 +279,9 @@ def _block(data: str, method: str, runs: list[Run]) -> Block:
         )
     round_of = {run.path: 0 for run in off + on}
     base_runs = off or on
+    name = f"{method} ({METHOD_MARKS[method]})" if method in METHOD_MARKS else method
     baseline = _arm(
-        method,
+        name,
         "conta=off runs, round 0" if off else "round 0 of the conta=on runs (no conta=off run)",
         base_runs,
         round_of,
@@ -273,8 +289,17 @@ def _block(data: str, method: str, runs: list[Run]) -> Block:
     conta = None
     if on:
         (last,) = lasts
+        contexts = {run.context for run in on}
+        if len(contexts) > 1:
+            raise _fail(
+                [run.path for run in on],
+                f"the conta=on runs of {data}/{method} ran different context modules "
+                f"({', '.join(sorted(str(c) for c in contexts))})",
+                "tabulate one module at a time (pass the folders of one sweep)",
+            )
         round_of.update({run.path: last for run in on})
-        conta = _arm(f"{method} + CONTA", f"conta=on runs, round {last}", on, round_of)
+        label = f"{name} + CONTA{_context_label(contexts.pop())}"
+        conta = _arm(label, f"conta=on runs, round {last}", on, round_of)
     # The metrics of every (run, round) the rows use: a gap in some but not all is an
     # unfinished run; a gap in all is a column this method does not have.
     used = [(run, 0) for run in base_runs] + [(run, round_of[run.path]) for run in on]
@@ -364,7 +389,7 @@ def table_rows(blocks: Sequence[Block]) -> list[list[str]]:
             n = len(b.baseline.values.keys() & b.conta.values.keys())
             source = f"paired by seed, mean [{100 * CONFIDENCE:.0f} % CI]"
             cells = [_gain_cell(b, key) for _, key in COLUMNS]
-            rows.append([b.data, f"gain of {b.method} + CONTA", source, str(n), *cells])
+            rows.append([b.data, f"gain of {b.conta.label}", source, str(n), *cells])
     return rows
 
 

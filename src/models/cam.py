@@ -323,13 +323,25 @@ def multiscale_cams(
     return strided, high_res
 
 
+CAM_NORMALISATIONS = ("max", "min_max")
+
+
 def keep_and_normalise(
-    cams: torch.Tensor, label: torch.Tensor
+    cams: torch.Tensor, label: torch.Tensor, normalise: str = "max"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ground-truth classes of one image, each divided by its own max (IRNet)."""
+    """Keep the ground-truth classes of one image, each scaled to [0, 1]: divided by its own
+    max (IRNet make_cam.py), or with ``min_max`` its min subtracted first (SEAM infer_SEAM.py:
+    negatives cut to 0, then (x - min) / (max - min)), so a map with a floor everywhere (SEAM's
+    PCM output) does not carry that floor into the background score (1 - max)^alpha."""
+    if normalise not in CAM_NORMALISATIONS:
+        raise ValueError(f"cam.inference.normalise={normalise!r}: use one of {CAM_NORMALISATIONS}")
     keys = torch.nonzero(label > 0.5).flatten()
     kept = cams[keys]
-    kept = kept / (kept.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5)
+    low = torch.zeros(len(keys), 1, 1, dtype=kept.dtype, device=kept.device)
+    if normalise == "min_max":
+        kept = kept.clamp(min=0)
+        low = kept.flatten(1).amin(dim=1).view(-1, 1, 1)
+    kept = (kept - low) / (kept.flatten(1).amax(dim=1).view(-1, 1, 1) - low + 1e-5)
     return kept, keys + 1  # keys as 1-based class ids (0 = background)
 
 
@@ -356,6 +368,7 @@ class CAMClassifier(L.LightningModule):
         head_lr_mult: float = 10.0,
         scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
         flip: bool = True,
+        normalise: str = "max",
     ):
         super().__init__()
         # Factories stay out of the hyperparameters: checkpoints hold plain values only.
@@ -414,8 +427,9 @@ class CAMClassifier(L.LightningModule):
         )
         items = []
         for i, image_id in enumerate(batch["id"]):
-            cam, keys = keep_and_normalise(strided[i], batch["label"][i])
-            high, _ = keep_and_normalise(high_res[i], batch["label"][i])
+            label, normalise = batch["label"][i], self.hparams.normalise
+            cam, keys = keep_and_normalise(strided[i], label, normalise)
+            high, _ = keep_and_normalise(high_res[i], label, normalise)
             items.append(
                 {
                     "id": image_id,

@@ -28,13 +28,15 @@ def sgd(
     weight_decay: float = 0.0,
     irnet_momentum_quirk: bool = False,
 ) -> torch.optim.SGD:
-    """torch SGD. IRNet's, PSA's and SEAM's PolyOptimizer hand (lr, weight_decay) positionally
-    to SGD, so their momentum is really 1e-4 (SEAM #21, psa #28); ``irnet_momentum_quirk``
-    reproduces that whatever ``momentum`` says."""
+    """torch SGD. IRNet's, PSA's and SEAM's PolyOptimizer call `SGD(params, lr, weight_decay)`
+    (SEAM tool/torchutils.py, irn misc/torchutils.py), so the weight decay lands in SGD's
+    third argument, momentum: their momentum equals their weight decay (IRNet 1e-4, SEAM/PSA
+    5e-4; SEAM #21, psa #28). ``irnet_momentum_quirk`` reproduces that whatever ``momentum``
+    says; the decay itself still applies, set per parameter group as the references do."""
     return torch.optim.SGD(
         params,
         lr=lr,
-        momentum=1e-4 if irnet_momentum_quirk else momentum,
+        momentum=weight_decay if irnet_momentum_quirk else momentum,
         weight_decay=weight_decay,
     )
 

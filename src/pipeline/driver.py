@@ -118,10 +118,13 @@ def run_identity(cfg: DictConfig) -> dict:
     part of a method (synth_cam) or of none (the supervised bound) names no method, so report.py
     never takes it for the method's row."""
     method_stages = set(OmegaConf.select(cfg, "method.stages", default=None) or ["?"])
+    conta = bool(OmegaConf.select(cfg, "conta.enabled", default=cfg.round > 0))
     return {
         "data": cfg.data.name,
         "method": cfg.method.name if method_stages <= set(cfg.stages) else None,
-        "conta": bool(OmegaConf.select(cfg, "conta.enabled", default=cfg.round > 0)),
+        "conta": conta,
+        # The context module of the CONTA rounds (paper: Eq. 3; calibrated: this project's).
+        "context": OmegaConf.select(cfg, "conta.context") if conta else None,
     }
 
 

@@ -17,7 +17,9 @@ from omegaconf.errors import ValidationError
 
 from src.pipeline.plan import PipelineError
 
-PAIR = {"pair": True}  # a (min, max) list of two numbers, min <= max
+PAIR = {"length": 2, "ordered": True, "what": "a pair [min, max] with min <= max"}
+SIZE = {"length": 2, "what": "a size [h, w]"}
+JITTER = {"length": 4, "what": "[brightness, contrast, saturation, hue]"}
 
 
 class ConfigTypeError(PipelineError):
@@ -44,6 +46,7 @@ class Cam:
     crop_size: int = 1
     resize_long: Optional[list[int]] = field(default=None, metadata=PAIR)  # noqa: UP045
     scale_range: Optional[list[float]] = field(default=None, metadata=PAIR)  # noqa: UP045
+    color_jitter: Optional[list[float]] = field(default=None, metadata=JITTER)  # noqa: UP045
     inference: CamInference = field(default_factory=CamInference)
     eval: CamEval = field(default_factory=CamEval)
 
@@ -56,6 +59,7 @@ class Affinity:
     inference_batch_size: int = 1
     resize_long: Optional[list[int]] = field(default=None, metadata=PAIR)  # noqa: UP045
     scale_range: Optional[list[float]] = field(default=None, metadata=PAIR)  # noqa: UP045
+    color_jitter: Optional[list[float]] = field(default=None, metadata=JITTER)  # noqa: UP045
 
 
 @dataclass
@@ -88,7 +92,7 @@ class Segmenter:
 @dataclass
 class Conta:
     rounds: int = 0
-    size: list[int] = field(default_factory=list, metadata=PAIR)
+    size: list[int] = field(default_factory=list, metadata=SIZE)
     diagnostic_images: int = 0
 
 
@@ -137,16 +141,17 @@ def _check(node: Any, schema: type, prefix: str, problems: list[str]) -> None:
         except ValidationError:
             problems.append(f"{key}={shown!r}: expected {_type_name(hints[f.name])}")
             continue
-        if f.metadata.get("pair") and value is not None and not _is_pair(shown):
-            problems.append(f"{key}={shown!r}: expected a pair [min, max] with min <= max")
+        if "length" in f.metadata and value is not None and not _fits(shown, f.metadata):
+            problems.append(f"{key}={shown!r}: expected {f.metadata['what']}")
 
 
-def _is_pair(value: Any) -> bool:
+def _fits(value: Any, shape: dict) -> bool:
+    """A list of `shape["length"]` numbers, in order where `shape["ordered"]`."""
     return (
         isinstance(value, list)
-        and len(value) == 2
+        and len(value) == shape["length"]
         and all(isinstance(v, int | float) for v in value)
-        and value[0] <= value[1]
+        and (not shape.get("ordered") or value == sorted(value))
     )
 
 

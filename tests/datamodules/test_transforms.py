@@ -147,3 +147,17 @@ def test_scale_choices_draw_one_of_the_listed_factors():
     assert seen == {(50, 40), (150, 120)}
     with pytest.raises(ValueError, match="not both"):
         train_transform(64, resize_long=(32, 64), scale_choices=[1.0])
+
+
+def test_colour_jitter_changes_the_image_only():
+    from src.datamodules.transforms import train_transform
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (32, 32), dtype=np.uint8)
+    plain = train_transform(32, scale_range=None, hflip=False, seed=0)
+    jitter = train_transform(
+        32, scale_range=None, hflip=False, seed=0, color_jitter=[0.3] * 3 + [0.1]
+    )
+    a, b = plain(image=image, mask=mask), jitter(image=image, mask=mask)
+    assert torch.equal(a["mask"], b["mask"]) and not torch.allclose(a["image"], b["image"])

@@ -276,3 +276,21 @@ def test_a_crf_scored_on_a_subset_is_marked_and_explained(tmp_path):
     run.write_text(json.dumps(results))
     with pytest.raises(Table2Error, match="seg_crf_images / seg_crf_split_images are 50000"):
         gather_runs([sweep])
+
+
+def test_a_conta_row_names_the_context_module_it_ran(tmp_path):
+    """No number is called CONTA that is not: Eq. 3 as printed and this project's variant are
+    labelled apart, and one table never mixes them."""
+    for context, label in (("paper", "Eq. 3"), ("calibrated", "calibrated variant")):
+        folder = tmp_path / context
+        for seed in range(2):
+            write_run(folder / f"off_{seed}", "irnet", False, seed, {"0": _row(IRNET_OFF, seed)})
+            rounds = on_rounds(IRNET_OFF, IRNET_GAIN, seed)
+            write_run(folder / f"on_{seed}", "irnet", True, seed, rounds, context=context)
+        (block,) = build_table(gather_runs([folder]))
+        assert block.conta.label == f"irnet + CONTA ({label})"
+        assert f"gain of irnet + CONTA ({label})" in render_markdown([block])
+    mixed = gather_runs([tmp_path / "paper" / "off_0", tmp_path / "paper" / "on_0"])
+    mixed += gather_runs([tmp_path / "calibrated" / "on_1"])
+    with pytest.raises(Table2Error, match="different context modules"):
+        build_table(mixed)

@@ -350,3 +350,21 @@ def test_split_input_conv_is_the_widened_conv():
     assert set(split.state_dict()) == {"weight", "bias"}  # the same checkpoint layout
     zero = torch.cat([x[:, :8], torch.zeros(2, 1, 7, 7)], 1)
     assert torch.equal(split(zero), base(x[:, :8]))
+
+
+def test_seams_normalisation_subtracts_each_maps_floor():
+    """SEAM infer_SEAM.py: (cam - min) / (max - min); IRNet: cam / max. A map with a floor
+    (SEAM's PCM output) keeps it under IRNet's rule and loses it under SEAM's."""
+    from src.models.cam import keep_and_normalise
+
+    cams = torch.stack([torch.linspace(0.2, 1.0, 16).view(4, 4), torch.zeros(4, 4)])
+    label = torch.tensor([1.0, 0.0])
+    by_max, keys = keep_and_normalise(cams, label, "max")
+    by_min_max, _ = keep_and_normalise(cams, label, "min_max")
+    assert keys.tolist() == [1]
+    assert by_max.min() == pytest.approx(0.2, abs=1e-4) and by_max.max() == pytest.approx(
+        1, abs=1e-4
+    )
+    assert by_min_max.min() == 0 and by_min_max.max() == pytest.approx(1, abs=1e-4)
+    with pytest.raises(ValueError, match="cam.inference.normalise"):
+        keep_and_normalise(cams, label, "mean")

@@ -115,12 +115,13 @@ def test_optimiser_puts_the_head_at_10x():
     module = PSAAffinityModule(
         tiny_psa(),
         num_classes=3,
-        optimizer=partial(sgd, lr=0.1, momentum=0.9, irnet_momentum_quirk=True),
+        optimizer=partial(sgd, lr=0.1, momentum=0.9, weight_decay=5e-4, irnet_momentum_quirk=True),
     )
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)
     opt = module.configure_optimizers()["optimizer"]
     assert [g["lr"] for g in opt.param_groups] == [0.1, pytest.approx(1.0)]
-    assert opt.param_groups[0]["momentum"] == 1e-4  # PSA's PolyOptimizer quirk
+    # PSA's / SEAM's PolyOptimizer: SGD(params, lr, weight_decay) makes momentum the decay.
+    assert opt.param_groups[0]["momentum"] == 5e-4
     head = {id(p) for m in module.net.heads() for p in m.parameters()}
     assert {id(p) for p in opt.param_groups[1]["params"]} == head
 

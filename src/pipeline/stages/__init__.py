@@ -37,6 +37,7 @@ _CAM_TRAINING = (
     "cam.crop_size",
     "cam.scale_range",
     "cam.resize_long",
+    "cam.color_jitter",
     "cam.optimizer",
     "cam.scheduler",
 )
@@ -49,6 +50,7 @@ _CAM_INFERENCE = (
     "cam.module._target_",  # predict_step: the method's CAM (SEAM: from cam_rv)
     "cam.inference.scales",
     "cam.inference.flip",
+    "cam.inference.normalise",
     "cam.inference.store",
 )
 # Scored on data.eval_split; the figure shows `figure_images` of them.

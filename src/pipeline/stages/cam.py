@@ -135,6 +135,7 @@ def build_cam_classifier(
         scheduler=instantiate(cfg.cam.scheduler),
         scales=list(cfg.cam.inference.scales),
         flip=cfg.cam.inference.flip,
+        normalise=cfg.cam.inference.get("normalise", "max"),
     )
     if not isinstance(module, CAMClassifier) or not isinstance(net, CAMNet):
         raise TypeError(
@@ -166,6 +167,7 @@ def train_cam(ctx: StageContext) -> StageResult:
         crop_size=cfg.cam.crop_size,
         scale_range=cfg.cam.scale_range,
         resize_long=cfg.cam.resize_long,
+        color_jitter=cfg.cam.get("color_jitter"),
         **conta,
     )
     module = build_cam_classifier(cfg, confounders, seed=ctx.seed)

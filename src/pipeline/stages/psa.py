@@ -82,6 +82,7 @@ def train_psa_affinity(ctx: StageContext) -> StageResult:
         aff.crop_size,
         scale_range=aff.scale_range,  # null with resize_long null: crops only, as PSA
         resize_long=aff.resize_long,
+        color_jitter=aff.get("color_jitter"),
         mean=cfg.data.mean,
         std=cfg.data.std,
         extra_targets={"ir_label": "label"},
@@ -172,6 +173,7 @@ _PSA_TRAINING = (
     "affinity.crop_size",
     "affinity.resize_long",
     "affinity.scale_range",
+    "affinity.color_jitter",
     "affinity.batch_size",
     "affinity.max_epochs",
     "affinity.module.radius",
