@@ -24,7 +24,6 @@ from src.models.optim import (
     DEFAULT_SCHEDULER,
     OptimizerFactory,
     SchedulerFactory,
-    lr_groups,
     optimizer_config,
     sgd,
 )
@@ -54,7 +53,10 @@ class SeededModule(L.LightningModule):
         num_classes: int,
         optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
         scheduler: SchedulerFactory = DEFAULT_SCHEDULER,
-        head_lr_mult: float = 10.0,
+        fc67_lr_mult: float = 1.0,
+        fc8_lr_mult: float = 10.0,
+        bias_lr_mult: float = 2.0,
+        bias_decay_mult: float = 0.0,
         floor: float = 1e-4,
         crf: dict | None = None,
         crf_workers: int = 0,
@@ -138,12 +140,31 @@ class SeededModule(L.LightningModule):
             )
         return items
 
+    def param_groups(self) -> list[dict]:
+        """Caffe's per-layer lr_mult / decay_mult (SEC train.prototxt, DSRG train-s.prototxt):
+        conv1..fc7 weights x1, fc8 weights ``fc8_lr_mult`` (x10), fc6/fc7 ``fc67_lr_mult`` (x1:
+        they start from ImageNet); every bias at ``bias_lr_mult`` (x2) times its layer's rate,
+        its weight decay times ``bias_decay_mult`` (0)."""
+        hp = self.hparams
+        fc8 = {id(p) for p in self.net.fc8_parameters()}
+        fc67 = {id(p) for p in self.net.fc67_parameters()}
+        split: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            mult = hp.fc8_lr_mult if id(p) in fc8 else hp.fc67_lr_mult if id(p) in fc67 else 1.0
+            split.setdefault((float(mult), name.endswith("bias")), []).append(p)
+        return [
+            {
+                "params": params,
+                "lr_mult": mult * (hp.bias_lr_mult if bias else 1.0),
+                "decay_mult": hp.bias_decay_mult if bias else 1.0,
+            }
+            for (mult, bias), params in split.items()
+        ]
+
     def configure_optimizers(self):
-        groups = lr_groups(
-            [p for p in self.net.backbone.parameters() if p.requires_grad],
-            self.net.head_parameters(),
-            head_lr_mult=self.hparams.head_lr_mult,
-        )
+        groups = self.param_groups()
         steps = self.hparams.total_steps or self.trainer.estimated_stepping_batches
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory, int(steps))
 

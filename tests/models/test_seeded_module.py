@@ -220,35 +220,74 @@ def test_predict_step_keeps_background_and_the_images_classes():
     assert items[0]["keys"].tolist() == [0] and (items[0]["probs"] == 1).all()
 
 
-def head_and_backbone_groups(opt, module):
-    head_ids = {id(p) for p in module.net.head.parameters()}
-    backbone_ids = {id(p) for p in module.net.backbone.parameters()}
-    groups = {
-        "head" if {id(p) for p in g["params"]} == head_ids else "backbone": g
-        for g in opt.param_groups
-    }
-    assert {id(p) for p in groups["backbone"]["params"]} == backbone_ids
-    return groups["backbone"], groups["head"]
+def rate(opt, params) -> tuple[float, float]:
+    """The one (lr, weight decay) the optimiser gives all of ``params``."""
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    rates = {by_param[id(p)] for p in params}
+    assert len(rates) == 1, rates
+    return rates.pop()
+
+
+def named(module, part: str, bias: bool) -> list[torch.nn.Parameter]:
+    """The weights (bias=False) or biases of the net's backbone, fc6/fc7 or fc8."""
+    net = module.net
+    chosen = {
+        "backbone": {id(p) for p in net.backbone.parameters()},
+        "fc67": {id(p) for p in net.fc67_parameters()},
+        "fc8": {id(p) for p in net.fc8_parameters()},
+    }[part]
+    params = [
+        p for n, p in net.named_parameters() if id(p) in chosen and n.endswith("bias") == bias
+    ]
+    assert params
+    return params
+
+
+# Today's multipliers, kept by the CPU recipes (seeded/base_cpu): the head at 10x, biases as weights.
+CPU_MULTS = dict(fc67_lr_mult=10, fc8_lr_mult=10, bias_lr_mult=1, bias_decay_mult=1)
+
+
+@pytest.mark.parametrize("make_net", [sec_net, dsrg_net])
+def test_param_groups_are_caffes_multipliers_of_sec_and_dsrg(make_net):
+    """SEC train.prototxt, DSRG train-s.prototxt: conv1..fc7 lr_mult 1 / 2 (weights / biases),
+    fc8 10 / 20, every bias decay_mult 0."""
+    module = SECModule(make_net(), NUM_CLASSES, optimizer=partial(sgd, lr=0.1, weight_decay=5e-4))
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    expected = {"backbone": 0.1, "fc67": 0.1, "fc8": 1.0}
+    for part, lr in expected.items():
+        assert rate(opt, named(module, part, bias=False)) == pytest.approx((lr, 5e-4)), part
+        assert rate(opt, named(module, part, bias=True)) == pytest.approx((2 * lr, 0.0)), part
+    n_fc8 = len(module.net.head.fc8_layers())
+    assert n_fc8 == (2 if make_net is dsrg_net else 1) and len(named(module, "fc8", True)) == n_fc8
+    # The CPU recipes' multipliers give the two groups of before: backbone 1x, fc6..fc8 10x.
+    module = SECModule(
+        make_net(), NUM_CLASSES, optimizer=partial(sgd, lr=0.1, weight_decay=5e-4), **CPU_MULTS
+    )
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    assert rate(opt, module.net.backbone.parameters()) == pytest.approx((0.1, 5e-4))
+    assert rate(opt, module.net.head_parameters()) == pytest.approx((1.0, 5e-4))
 
 
 def test_step_decay_divides_by_ten_and_the_head_runs_at_its_multiple():
     opt_factory = partial(sgd, lr=0.1, momentum=0.9, weight_decay=5e-4)
     scheduler = partial(StepDecay, step_size=3, gamma=0.1)
     module = SECModule(
-        sec_net(), NUM_CLASSES, optimizer=opt_factory, scheduler=scheduler, head_lr_mult=10
+        sec_net(), NUM_CLASSES, optimizer=opt_factory, scheduler=scheduler, **CPU_MULTS
     )
     module.trainer = SimpleNamespace(estimated_stepping_batches=100)
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
-    backbone, head = head_and_backbone_groups(opt, module)
-    assert backbone["lr"] == pytest.approx(0.1) and head["lr"] == pytest.approx(1.0)
-    assert backbone["weight_decay"] == head["weight_decay"] == 5e-4
+    backbone, head = module.net.backbone.parameters, module.net.head_parameters
+    assert rate(opt, backbone()) == pytest.approx((0.1, 5e-4))
+    assert rate(opt, head()) == pytest.approx((1.0, 5e-4))
     lrs = []
     for _ in range(7):
         opt.step()
         sched.step()
-        lrs.append((backbone["lr"], head["lr"]))
+        lrs.append((rate(opt, backbone())[0], rate(opt, head())[0]))
     assert lrs[1] == pytest.approx((0.1, 1.0))  # after 2 steps: unchanged
     assert lrs[2] == pytest.approx((0.01, 0.1))  # after 3: / 10
     assert lrs[5] == pytest.approx((0.001, 0.01))  # after 6: / 100
@@ -260,19 +299,19 @@ def test_poly_lr_reaches_zero_at_total_steps():
         NUM_CLASSES,
         optimizer=partial(sgd, lr=0.1),
         scheduler=partial(PolyLR, power=0.9),
-        head_lr_mult=10,
         total_steps=6,
+        **CPU_MULTS,
     )
     module.trainer = SimpleNamespace(estimated_stepping_batches=1000)  # total_steps wins
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    backbone, head = head_and_backbone_groups(opt, module)
     for step in range(1, 7):
         opt.step()
         sched.step()
-        assert backbone["lr"] == pytest.approx(0.1 * (1 - step / 6) ** 0.9, abs=1e-12)
-        assert head["lr"] == pytest.approx(10 * backbone["lr"], abs=1e-12)
-    assert backbone["lr"] == pytest.approx(0.0, abs=1e-12) and head["lr"] == pytest.approx(0.0)
+        backbone = rate(opt, module.net.backbone.parameters())[0]
+        assert backbone == pytest.approx(0.1 * (1 - step / 6) ** 0.9, abs=1e-12)
+        assert rate(opt, module.net.head_parameters())[0] == pytest.approx(10 * backbone, abs=1e-12)
+    assert backbone == pytest.approx(0.0, abs=1e-12)
     # without total_steps the trainer's estimate sets the horizon
     module = SECModule(sec_net(), NUM_CLASSES, optimizer=partial(sgd, lr=0.1))
     module.trainer = SimpleNamespace(estimated_stepping_batches=4)
