@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from src.datamodules.transforms import SegTransform
 from src.models.backbone import ResNetBackbone
@@ -198,6 +199,8 @@ def test_crf_images_undo_the_modules_normalisation():
 def test_predict_step_keeps_background_and_the_images_classes():
     torch.manual_seed(0)
     module = SECModule(sec_net(), NUM_CLASSES, mean=MEAN, std=STD).eval()
+    assert module.mask_classes == "all"  # SEC demo.py / DSRG test-ms.py by default
+    module.set_prediction("image")
     batch = make_batch()
     batch["label"] = torch.tensor([[0.0, 1, 0], [1, 0, 1]])
     with torch.no_grad():
@@ -218,6 +221,74 @@ def test_predict_step_keeps_background_and_the_images_classes():
     with torch.no_grad():
         items = module.predict_step(batch, 0)
     assert items[0]["keys"].tolist() == [0] and (items[0]["probs"] == 1).all()
+
+
+class FixedLogits(torch.nn.Module):
+    """A net whose logits are given: (C, h, w) for every image."""
+
+    output_stride = 8
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(images), -1, -1, -1)
+
+
+def mask_of(item: dict) -> list[int]:
+    """The pseudo-mask label per cell before the CRF: the argmax over the written classes."""
+    return item["keys"][item["probs"].astype(np.float32).argmax(0)].flatten().tolist()
+
+
+def test_all_class_argmax_differs_from_the_image_class_restriction():
+    """Cell 0: the absent class 3 scores highest, then background, then the image's class 2;
+    cell 1: class 2. SEC demo.py / DSRG test-ms.py take the argmax over all classes (3, 2);
+    the restriction to the image's classes gives (background, 2)."""
+    logits = torch.tensor([[2.0, 0.0], [-20.0, -20.0], [1.0, 5.0], [4.0, 1.0]]).view(4, 1, 2)
+    module = SECModule(FixedLogits(logits), NUM_CLASSES).eval()
+    batch = {"id": ["a"], "image": torch.zeros(1, 3, 8, 16), "label": torch.tensor([[0.0, 1, 0]])}
+    with torch.no_grad():
+        everything = module.predict_step(batch, 0)[0]
+        restricted = module.set_prediction("image").predict_step(batch, 0)[0]
+    assert mask_of(everything) == [3, 2] and mask_of(restricted) == [0, 2]
+    # Class 1 (below 1e-5 everywhere, where the test CRF clips anyway) is not written.
+    assert everything["keys"].tolist() == [0, 2, 3] and restricted["keys"].tolist() == [0, 2]
+    softmax = torch.softmax(logits, 0)
+    np.testing.assert_allclose(
+        everything["probs"].astype(np.float32), softmax[[0, 2, 3]], atol=1e-3
+    )
+    with pytest.raises(ValueError, match="seeded.masks.classes='most'"):
+        module.set_prediction("most")
+    with pytest.raises(ValueError, match="seeded.masks.scales"):
+        module.set_prediction("all", [])
+
+
+def test_multi_scale_logits_are_summed_on_the_grid():
+    """DSRG test-ms.py: the image at several square sizes, the logits summed (then softmax)."""
+    torch.manual_seed(0)
+    module = SECModule(sec_net(dropout=0.0), NUM_CLASSES, mean=MEAN, std=STD).eval()
+    images = make_batch()["image"][:, :, :48, :48]  # grid 6 x 6
+    net = module.net
+
+    def resized(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        single = module.test_logits(images)
+        module.set_prediction("all", [32, 48, 64])
+        summed = module.test_logits(images)
+        by_hand = sum(resized(net(resized(images, (s, s))), (6, 6)) for s in (32, 48, 64))
+        torch.testing.assert_close(single, net(images))
+        torch.testing.assert_close(summed, by_hand)
+        # An explicit grid: make_seeded_masks feeds the largest scale, the cue grid stays.
+        module.set_prediction("all", [32, 48, 64], grid=(4, 4))
+        on_grid = module.test_logits(images)
+        by_hand = sum(resized(net(resized(images, (s, s))), (4, 4)) for s in (32, 48, 64))
+        torch.testing.assert_close(on_grid, by_hand)
+        item = module.predict_step({"id": ["a"], "image": images[:1], "label": None}, 0)[0]
+    assert item["probs"].shape[1:] == (4, 4)
+    np.testing.assert_allclose(item["probs"].astype(np.float32).sum(0), np.ones((4, 4)), atol=2e-3)
 
 
 def rate(opt, params) -> tuple[float, float]:
