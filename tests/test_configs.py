@@ -186,6 +186,38 @@ def test_sec_and_dsrg_paper_settings():
     assert "d_fg" not in dsrg.module and "dilation" not in dsrg.net
 
 
+@pytest.mark.parametrize("experiment", ["voc_sec_conta", "voc_dsrg_conta", "coco_dsrg_conta"])
+def test_sec_and_dsrg_heads_and_pseudo_masks_follow_the_references(experiment):
+    """The values of SEC's (akolesnikoff/SEC, formerly kolesman/SEC) and DSRG's
+    (speedinghzl/DSRG) reference files; each assertion names the file."""
+    sd = compose_cfg([f"experiment={experiment}"]).seeded
+    dsrg = sd.net.head == "aspp"
+    # SEC training/train.prototxt fc6/fc7, DSRG train-s.prototxt fc6_i/fc7_i: lr_mult 1
+    # (they come from vgg16_20M: README.md / run-s.sh, ImageNet VGG-16 fc6/fc7 decimated).
+    assert sd.module.fc67_lr_mult == 1
+    assert sd.backbone.weights == "IMAGENET1K_V1" and sd.net.hidden == 1024
+    # SEC train.prototxt fc8-SEC, DSRG train-s.prototxt fc8-SEC_i: lr_mult 10 (bias 20).
+    assert sd.module.fc8_lr_mult == 10
+    # Both prototxts, every layer: bias lr_mult 2 x the weights', decay_mult 0.
+    assert (sd.module.bias_lr_mult, sd.module.bias_decay_mult) == (2, 0)
+    # SEC deploy/demo.py, DSRG training/tools/test-ms.py: argmax over all classes.
+    assert sd.masks.classes == "all"
+    # DSRG test-ms.py: `for size in [241, 321, 401]`, fc8 summed; SEC demo.py: 321 only.
+    scales = None if sd.masks.scales is None else list(sd.masks.scales)
+    assert scales == ([241, 321, 401] if dsrg else None)
+    assert sd.input_size == 321
+
+
+@pytest.mark.parametrize("method", ["sec", "dsrg"])
+def test_cpu_seeded_recipes_keep_their_measured_settings(method):
+    """The CPU recipes start the head fresh on the classifier's ResNet: fc6..fc8 at 10x, biases
+    as weights, pseudo-masks kept to the image's classes at one scale (as measured)."""
+    sd = compose_cfg([f"method={method}"]).seeded
+    m = sd.module
+    assert (m.fc67_lr_mult, m.fc8_lr_mult, m.bias_lr_mult, m.bias_decay_mult) == (10, 10, 1, 1)
+    assert sd.masks.classes == "image" and sd.masks.scales is None
+
+
 def test_coco_cues_are_sized_for_81_classes():
     cfg = compose_cfg(["experiment=coco_conta", "method=dsrg"])
     assert cfg.data.num_classes == 81 and cfg.experiment_name == "coco_dsrg_conta"

@@ -93,10 +93,13 @@ def optimizer_config(
     total_steps: int,
 ) -> dict:
     """A Lightning `configure_optimizers` value: the optimiser over `groups` (each group's lr =
-    the optimiser's lr x its ``lr_mult``), the scheduler stepped per batch over `total_steps`."""
+    the optimiser's lr x its ``lr_mult``, its weight decay x its ``decay_mult`` as Caffe's),
+    the scheduler stepped per batch over `total_steps`."""
     opt = optimizer(groups)
     for group in opt.param_groups:
         group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
+        if "weight_decay" in group:
+            group["weight_decay"] = group["weight_decay"] * group.get("decay_mult", 1.0)
     sched = scheduler(opt, total_steps=total_steps)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -54,6 +54,50 @@ def _vgg_state_dict(weights: str | None, weights_path: str | None) -> dict | Non
     return tensor_state_dict(state, src)
 
 
+# DeepLab-LargeFOV's vgg16_20M (SEC's and DSRG's initial model) turned VGG-16's fc6/fc7 into
+# convolutions by decimation: fc6 (4096 x 512 x 7 x 7) keeps every 4th filter and every 3rd
+# spatial tap (-> 1024 x 512 x 3 x 3, a dilated 3 x 3), fc7 every 4th output and input
+# (-> 1024 x 1024 x 1 x 1), biases every 4th.
+FC67_KEYS = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
+FC67_HIDDEN = 1024
+
+
+def decimated_fc67(state: dict) -> dict[str, torch.Tensor] | None:
+    """DeepLab-LargeFOV's fc6/fc7 from a torchvision vgg16 state dict: {"fc6.weight": (1024, 512,
+    3, 3), "fc6.bias": (1024,), "fc7.weight": (1024, 1024, 1, 1), "fc7.bias": (1024,)}.
+
+    None when the state holds none of torchvision's fc6/fc7 entries (a features-only file) or
+    non-finite ones (torchvision's IMAGENET1K_FEATURES leaves its classifier without values).
+    Some of the four entries without the others, or other shapes, are an error.
+    """
+    present = [k for k in FC67_KEYS if k in state]
+    if not present:
+        return None
+    if len(present) < len(FC67_KEYS):
+        missing = [k for k in FC67_KEYS if k not in state]
+        raise WeightsUnavailableError(
+            f"vgg16 weights hold {present} but miss {missing}: fc6/fc7 need all four "
+            "(a torchvision vgg16 state dict, or one without any 'classifier.*' entry)"
+        )
+    w6, b6, w7, b7 = (state[k] for k in FC67_KEYS)
+    shapes = [tuple(t.shape) for t in (w6, b6, w7, b7)]
+    if shapes != [(4096, 512 * 7 * 7), (4096,), (4096, 4096), (4096,)]:
+        raise WeightsUnavailableError(
+            f"vgg16 classifier.0/3 shapes {shapes} are not torchvision VGG-16's "
+            "[(4096, 25088), (4096,), (4096, 4096), (4096,)]"
+        )
+    fc67 = {
+        "fc6.weight": w6.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3].clone(),
+        "fc6.bias": b6[::4].clone(),
+        "fc7.weight": w7[::4, ::4].reshape(FC67_HIDDEN, FC67_HIDDEN, 1, 1).clone(),
+        "fc7.bias": b7[::4].clone(),
+    }
+    if not all(torch.isfinite(t).all() for t in fc67.values()):
+        log.warning("vgg16 weights: the classifier is not finite: fc6/fc7 start fresh")
+        return None
+    return fc67
+
+
 def _largefov_features(features: nn.Sequential) -> nn.Sequential:
     """Turn torchvision's vgg16 features into DeepLab-LargeFOV's (SEC's) conv1..pool5a, in place.
 
@@ -83,8 +127,11 @@ class VGG16Backbone(nn.Module):
     ``weights``: a torchvision ``VGG16_Weights`` name. IMAGENET1K_V1 expects torchvision's
     ImageNet mean/std; IMAGENET1K_FEATURES holds the original Caffe VGG-16 convolutions (what
     DeepLab's vgg16_20M starts from) and expects 0..255 inputs minus the channel means.
-    ``weights_path`` (takes precedence): a local torchvision-layout vgg16 state dict; only the
-    'features.*' entries are used (the classifier is replaced by the head).
+    ``weights_path`` (takes precedence): a local torchvision-layout vgg16 state dict.
+    The 'features.*' entries load here; torchvision's fc6/fc7 ('classifier.0/3.*'), when present,
+    are decimated as DeepLab-LargeFOV's vgg16_20M (:func:`decimated_fc67`) and kept in
+    ``imagenet_fc67`` (not a parameter) for :func:`seeded_net` to start the head's fc6/fc7 from;
+    None with random init or without them.
     """
 
     output_stride = 8
@@ -99,6 +146,9 @@ class VGG16Backbone(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         state = _vgg_state_dict(weights, weights_path)
+        self.imagenet_fc67 = None if state is None else decimated_fc67(state)
+        if state is not None and self.imagenet_fc67 is None:
+            log.warning("vgg16 weights without fc6/fc7 ('classifier.0/3'): the head starts fresh")
         if state is not None:
             prefix = "features."
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -122,8 +172,9 @@ def _fc67(in_channels: int, hidden: int, dilation: int, dropout: float) -> list[
 
     Element-wise nn.Dropout, not Dropout2d: Caffe's Dropout layer (SEC, DSRG) drops single
     activations of the 4-D blob, whereas Dropout2d would drop whole channels, a far stronger
-    regulariser on 1024 channels. fc6/fc7 start fresh (Kaiming, zero bias): torchvision has no
-    counterpart of DeepLab's decimated vgg16_20M fc6/fc7.
+    regulariser on 1024 channels. fc6/fc7 start fresh here (Kaiming, zero bias); on an ImageNet
+    VGG16Backbone :func:`seeded_net` then loads the decimated ImageNet fc6/fc7 into them, as SEC
+    and DSRG start from DeepLab's vgg16_20M (:func:`decimated_fc67`).
     """
     fc6 = nn.Conv2d(in_channels, hidden, 3, padding=dilation, dilation=dilation)
     fc7 = nn.Conv2d(hidden, hidden, 1)
@@ -172,6 +223,13 @@ class LargeFOVHead(nn.Sequential):
     def fc8(self) -> nn.Conv2d:
         return self[-1]
 
+    def fc8_layers(self) -> list[nn.Conv2d]:
+        return [self.fc8]
+
+    def fc67_layers(self) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
+        fc6, fc7 = (m for m in self if isinstance(m, nn.Conv2d) and m is not self.fc8)
+        return [(fc6, fc7)]
+
 
 class ASPPVGGHead(nn.Module):
     """DeepLab-ASPP for VGG (DSRG): one fc6 (3x3, dilation = rate) -> fc7 -> fc8 branch per rate,
@@ -195,6 +253,12 @@ class ASPPVGGHead(nn.Module):
             for r in self.rates
         )
 
+    def fc8_layers(self) -> list[nn.Conv2d]:
+        return [branch[-1] for branch in self.branches]
+
+    def fc67_layers(self) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
+        return [(branch[0], branch[3]) for branch in self.branches]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(branch(x) for branch in self.branches)
 
@@ -212,8 +276,17 @@ class SeededNet(nn.Module):
         return self.backbone.output_stride
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Everything the head holds (fc6..fc8, all freshly initialised): the 10x-lr group."""
+        """Everything the head holds (fc6..fc8)."""
         return [p for p in self.head.parameters() if p.requires_grad]
+
+    def fc8_parameters(self) -> list[nn.Parameter]:
+        """The classifier(s) fc8, always freshly initialised (SEC/DSRG: lr x10, biases x20)."""
+        return [p for m in self.head.fc8_layers() for p in m.parameters() if p.requires_grad]
+
+    def fc67_parameters(self) -> list[nn.Parameter]:
+        """fc6/fc7 of every branch (ImageNet-initialised on an ImageNet VGG: SEC/DSRG's lr x1)."""
+        fc8 = {id(p) for p in self.fc8_parameters()}
+        return [p for p in self.head_parameters() if id(p) not in fc8]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -223,7 +296,13 @@ def seeded_net(
     backbone: nn.Module, num_classes: int, head: str = "largefov", **head_kwargs
 ) -> SeededNet:
     """SEC's net (head="largefov") or DSRG's (head="aspp") on any backbone exposing
-    ``out_channels`` (its last entry feeds the head), e.g. VGG16Backbone or ResNetBackbone."""
+    ``out_channels`` (its last entry feeds the head), e.g. VGG16Backbone or ResNetBackbone.
+
+    A backbone with ``imagenet_fc67`` (VGG16Backbone loaded from torchvision vgg16 weights)
+    starts fc6/fc7 from them, every ASPP branch from the same ones (SEC ``train.prototxt`` and
+    DSRG ``train-s.prototxt`` name fc6/fc7 with no filler: they come from vgg16_20M); a
+    random-init backbone leaves them fresh (Kaiming).
+    """
     in_channels = backbone.out_channels[-1]
     if head == "largefov":
         module = LargeFOVHead(in_channels, num_classes, **head_kwargs)
@@ -231,7 +310,26 @@ def seeded_net(
         module = ASPPVGGHead(in_channels, num_classes, **head_kwargs)
     else:
         raise ValueError(f"head={head!r}; choose one of {HEADS}")
+    fc67 = getattr(backbone, "imagenet_fc67", None)
+    if fc67 is not None:
+        _load_fc67(module, fc67)
     return SeededNet(backbone, module)
+
+
+def _load_fc67(head: LargeFOVHead | ASPPVGGHead, fc67: dict[str, torch.Tensor]) -> None:
+    for fc6, fc7 in head.fc67_layers():
+        want = tuple(fc67["fc6.weight"].shape[:2])
+        if (fc6.out_channels, fc6.in_channels) != want:
+            raise ValueError(
+                f"fc6 is {fc6.in_channels} -> {fc6.out_channels} channels but the ImageNet "
+                f"fc6/fc7 (DeepLab's decimation) are {want[1]} -> {want[0]}: set seeded.net."
+                f"hidden={FC67_HIDDEN}, or pretrained=false for a fresh (random) head"
+            )
+        with torch.no_grad():
+            for conv, name in ((fc6, "fc6"), (fc7, "fc7")):
+                conv.weight.copy_(fc67[f"{name}.weight"])
+                conv.bias.copy_(fc67[f"{name}.bias"])
+    log.info("fc6/fc7 start from the decimated ImageNet VGG-16 fc6/fc7 (DeepLab-LargeFOV)")
 
 
 # ------------------------------------------------------------------------------ losses

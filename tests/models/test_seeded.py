@@ -15,6 +15,7 @@ from src.models.seeded import (
     VGG16Backbone,
     constrain_loss,
     crf_targets,
+    decimated_fc67,
     expansion_loss,
     floored_softmax,
     gwrp,
@@ -123,6 +124,95 @@ def test_vgg_weights_path_loads_torchvision_features(tmp_path):
     torch.save(partial, tmp_path / "partial.pth")
     with pytest.raises(WeightsUnavailableError, match=r"miss keys \['features.0.bias'"):
         VGG16Backbone(weights_path=str(tmp_path / "partial.pth"))
+
+
+def torchvision_fc67(code: str) -> dict[str, torch.Tensor]:
+    """torchvision vgg16's classifier.0 (Linear 25088 -> 4096, i.e. 4096 x 512 x 7 x 7) and
+    classifier.3 (4096 -> 4096) without their 500 MB: expanded views whose value is the output
+    index (code "out") or the input index (code "in"); biases hold their index."""
+
+    def coded(rows: int, cols: int) -> torch.Tensor:
+        if code == "out":
+            return torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, cols)
+        return torch.arange(cols, dtype=torch.float32)[None].expand(rows, cols)
+
+    return {
+        "classifier.0.weight": coded(4096, 512 * 7 * 7),
+        "classifier.0.bias": torch.arange(4096, dtype=torch.float32),
+        "classifier.3.weight": coded(4096, 4096),
+        "classifier.3.bias": -torch.arange(4096, dtype=torch.float32),
+    }
+
+
+def test_fc67_are_torchvision_fc6_fc7_decimated_as_deeplab_largefov():
+    """fc6: every 4th of the 4096 filters, every input channel, taps 0/3/6 of the 7 x 7 (a 3 x 3
+    to dilate); fc7: every 4th output and every 4th input; biases every 4th."""
+    out = decimated_fc67(torchvision_fc67("out"))
+    shapes = {k: tuple(v.shape) for k, v in out.items()}
+    assert shapes == {
+        "fc6.weight": (1024, 512, 3, 3),
+        "fc6.bias": (1024,),
+        "fc7.weight": (1024, 1024, 1, 1),
+        "fc7.bias": (1024,),
+    }
+    every4 = 4 * torch.arange(1024, dtype=torch.float32)
+    assert torch.equal(out["fc6.weight"], every4.view(-1, 1, 1, 1).expand(-1, 512, 3, 3))
+    assert torch.equal(out["fc7.weight"][:, :, 0, 0], every4[:, None].expand(-1, 1024))
+    assert torch.equal(out["fc6.bias"], every4) and torch.equal(out["fc7.bias"], -every4)
+    # The input side: torchvision flattens pool5 as (channel, row, column).
+    inputs = decimated_fc67(torchvision_fc67("in"))
+    c, i, j = torch.meshgrid(torch.arange(512), torch.arange(3), torch.arange(3), indexing="ij")
+    flat = (c * 49 + 3 * i * 7 + 3 * j).float()
+    assert torch.equal(inputs["fc6.weight"], flat.expand(1024, -1, -1, -1))
+    assert torch.equal(inputs["fc7.weight"][:, :, 0, 0], every4[None].expand(1024, -1))
+
+
+def test_fc67_need_all_four_entries_of_torchvision_shapes():
+    state = torchvision_fc67("out")
+    assert decimated_fc67({}) is None  # a features-only file: fc6/fc7 start fresh
+    with pytest.raises(WeightsUnavailableError, match=r"miss \['classifier.3.bias'\]"):
+        decimated_fc67({k: v for k, v in state.items() if k != "classifier.3.bias"})
+    with pytest.raises(WeightsUnavailableError, match="shapes"):
+        decimated_fc67({**state, "classifier.3.weight": torch.zeros(1000, 4096)})
+    # torchvision's IMAGENET1K_FEATURES has no classifier values: fresh fc6/fc7, not NaN ones.
+    nan = {**state, "classifier.0.bias": torch.full((4096,), math.nan)}
+    assert decimated_fc67(nan) is None
+
+
+@pytest.mark.parametrize("head", ["largefov", "aspp"])
+def test_seeded_net_starts_fc6_fc7_from_the_imagenet_classifier(head, tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save({**torchvision_vgg16_features_state(), **torchvision_fc67("out")}, path)
+    backbone = VGG16Backbone(weights_path=str(path))
+    fc67 = backbone.imagenet_fc67
+    assert fc67 is not None and "imagenet_fc67" not in str(backbone.state_dict().keys())
+    torch.manual_seed(0)
+    net = seeded_net(backbone, NUM_CLASSES, head=head)
+    layers = net.head.fc67_layers()
+    assert len(layers) == (4 if head == "aspp" else 1)  # every ASPP branch from the same ones
+    for fc6, fc7 in layers:
+        for conv, name in ((fc6, "fc6"), (fc7, "fc7")):
+            assert torch.equal(conv.weight, fc67[f"{name}.weight"])
+            assert torch.equal(conv.bias, fc67[f"{name}.bias"])
+        assert fc6.kernel_size == (3, 3) and fc6.dilation == fc6.padding
+    # fc8 stays SEC's fresh N(0, 0.01), zero bias; the fc6/fc7/fc8 split covers the head.
+    assert all((m.bias == 0).all() for m in net.head.fc8_layers())
+    split = {id(p) for p in net.fc67_parameters()} | {id(p) for p in net.fc8_parameters()}
+    assert split == {id(p) for p in net.head_parameters()}
+    assert not {id(p) for p in net.fc67_parameters()} & {id(p) for p in net.fc8_parameters()}
+    with pytest.raises(ValueError, match=r"seeded\.net\.hidden=1024"):
+        seeded_net(backbone, NUM_CLASSES, head=head, hidden=32)
+
+
+def test_random_init_and_features_only_weights_keep_fresh_fc6_fc7(tmp_path):
+    path = tmp_path / "features.pth"
+    torch.save(torchvision_vgg16_features_state(), path)
+    for backbone in (VGG16Backbone(), VGG16Backbone(weights_path=str(path))):
+        assert backbone.imagenet_fc67 is None
+        torch.manual_seed(0)
+        fc6, fc7 = seeded_net(backbone, NUM_CLASSES).head.fc67_layers()[0]
+        assert (fc6.bias == 0).all() and (fc7.bias == 0).all()  # Kaiming, zero bias
+        assert abs(fc6.weight.std().item() - math.sqrt(2 / (512 * 9))) < 2e-3
 
 
 def test_vgg_weight_errors(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from src.datamodules.transforms import SegTransform
 from src.models.backbone import ResNetBackbone
@@ -198,6 +199,8 @@ def test_crf_images_undo_the_modules_normalisation():
 def test_predict_step_keeps_background_and_the_images_classes():
     torch.manual_seed(0)
     module = SECModule(sec_net(), NUM_CLASSES, mean=MEAN, std=STD).eval()
+    assert module.mask_classes == "all"  # SEC demo.py / DSRG test-ms.py by default
+    module.set_prediction("image")
     batch = make_batch()
     batch["label"] = torch.tensor([[0.0, 1, 0], [1, 0, 1]])
     with torch.no_grad():
@@ -220,35 +223,142 @@ def test_predict_step_keeps_background_and_the_images_classes():
     assert items[0]["keys"].tolist() == [0] and (items[0]["probs"] == 1).all()
 
 
-def head_and_backbone_groups(opt, module):
-    head_ids = {id(p) for p in module.net.head.parameters()}
-    backbone_ids = {id(p) for p in module.net.backbone.parameters()}
-    groups = {
-        "head" if {id(p) for p in g["params"]} == head_ids else "backbone": g
-        for g in opt.param_groups
-    }
-    assert {id(p) for p in groups["backbone"]["params"]} == backbone_ids
-    return groups["backbone"], groups["head"]
+class FixedLogits(torch.nn.Module):
+    """A net whose logits are given: (C, h, w) for every image."""
+
+    output_stride = 8
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(images), -1, -1, -1)
+
+
+def mask_of(item: dict) -> list[int]:
+    """The pseudo-mask label per cell before the CRF: the argmax over the written classes."""
+    return item["keys"][item["probs"].astype(np.float32).argmax(0)].flatten().tolist()
+
+
+def test_all_class_argmax_differs_from_the_image_class_restriction():
+    """Cell 0: the absent class 3 scores highest, then background, then the image's class 2;
+    cell 1: class 2. SEC demo.py / DSRG test-ms.py take the argmax over all classes (3, 2);
+    the restriction to the image's classes gives (background, 2)."""
+    logits = torch.tensor([[2.0, 0.0], [-20.0, -20.0], [1.0, 5.0], [4.0, 1.0]]).view(4, 1, 2)
+    module = SECModule(FixedLogits(logits), NUM_CLASSES).eval()
+    batch = {"id": ["a"], "image": torch.zeros(1, 3, 8, 16), "label": torch.tensor([[0.0, 1, 0]])}
+    with torch.no_grad():
+        everything = module.predict_step(batch, 0)[0]
+        restricted = module.set_prediction("image").predict_step(batch, 0)[0]
+    assert mask_of(everything) == [3, 2] and mask_of(restricted) == [0, 2]
+    # Class 1 (below 1e-5 everywhere, where the test CRF clips anyway) is not written.
+    assert everything["keys"].tolist() == [0, 2, 3] and restricted["keys"].tolist() == [0, 2]
+    softmax = torch.softmax(logits, 0)
+    np.testing.assert_allclose(
+        everything["probs"].astype(np.float32), softmax[[0, 2, 3]], atol=1e-3
+    )
+    with pytest.raises(ValueError, match="seeded.masks.classes='most'"):
+        module.set_prediction("most")
+    with pytest.raises(ValueError, match="seeded.masks.scales"):
+        module.set_prediction("all", [])
+
+
+def test_multi_scale_logits_are_summed_on_the_grid():
+    """DSRG test-ms.py: the image at several square sizes, the logits summed (then softmax)."""
+    torch.manual_seed(0)
+    module = SECModule(sec_net(dropout=0.0), NUM_CLASSES, mean=MEAN, std=STD).eval()
+    images = make_batch()["image"][:, :, :48, :48]  # grid 6 x 6
+    net = module.net
+
+    def resized(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        single = module.test_logits(images)
+        module.set_prediction("all", [32, 48, 64])
+        summed = module.test_logits(images)
+        by_hand = sum(resized(net(resized(images, (s, s))), (6, 6)) for s in (32, 48, 64))
+        torch.testing.assert_close(single, net(images))
+        torch.testing.assert_close(summed, by_hand)
+        # An explicit grid: make_seeded_masks feeds the largest scale, the cue grid stays.
+        module.set_prediction("all", [32, 48, 64], grid=(4, 4))
+        on_grid = module.test_logits(images)
+        by_hand = sum(resized(net(resized(images, (s, s))), (4, 4)) for s in (32, 48, 64))
+        torch.testing.assert_close(on_grid, by_hand)
+        item = module.predict_step({"id": ["a"], "image": images[:1], "label": None}, 0)[0]
+    assert item["probs"].shape[1:] == (4, 4)
+    np.testing.assert_allclose(item["probs"].astype(np.float32).sum(0), np.ones((4, 4)), atol=2e-3)
+
+
+def rate(opt, params) -> tuple[float, float]:
+    """The one (lr, weight decay) the optimiser gives all of ``params``."""
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    rates = {by_param[id(p)] for p in params}
+    assert len(rates) == 1, rates
+    return rates.pop()
+
+
+def named(module, part: str, bias: bool) -> list[torch.nn.Parameter]:
+    """The weights (bias=False) or biases of the net's backbone, fc6/fc7 or fc8."""
+    net = module.net
+    chosen = {
+        "backbone": {id(p) for p in net.backbone.parameters()},
+        "fc67": {id(p) for p in net.fc67_parameters()},
+        "fc8": {id(p) for p in net.fc8_parameters()},
+    }[part]
+    params = [
+        p for n, p in net.named_parameters() if id(p) in chosen and n.endswith("bias") == bias
+    ]
+    assert params
+    return params
+
+
+# Today's multipliers, kept by the CPU recipes (seeded/base_cpu): the head at 10x, biases as weights.
+CPU_MULTS = dict(fc67_lr_mult=10, fc8_lr_mult=10, bias_lr_mult=1, bias_decay_mult=1)
+
+
+@pytest.mark.parametrize("make_net", [sec_net, dsrg_net])
+def test_param_groups_are_caffes_multipliers_of_sec_and_dsrg(make_net):
+    """SEC train.prototxt, DSRG train-s.prototxt: conv1..fc7 lr_mult 1 / 2 (weights / biases),
+    fc8 10 / 20, every bias decay_mult 0."""
+    module = SECModule(make_net(), NUM_CLASSES, optimizer=partial(sgd, lr=0.1, weight_decay=5e-4))
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    expected = {"backbone": 0.1, "fc67": 0.1, "fc8": 1.0}
+    for part, lr in expected.items():
+        assert rate(opt, named(module, part, bias=False)) == pytest.approx((lr, 5e-4)), part
+        assert rate(opt, named(module, part, bias=True)) == pytest.approx((2 * lr, 0.0)), part
+    n_fc8 = len(module.net.head.fc8_layers())
+    assert n_fc8 == (2 if make_net is dsrg_net else 1) and len(named(module, "fc8", True)) == n_fc8
+    # The CPU recipes' multipliers give the two groups of before: backbone 1x, fc6..fc8 10x.
+    module = SECModule(
+        make_net(), NUM_CLASSES, optimizer=partial(sgd, lr=0.1, weight_decay=5e-4), **CPU_MULTS
+    )
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    assert rate(opt, module.net.backbone.parameters()) == pytest.approx((0.1, 5e-4))
+    assert rate(opt, module.net.head_parameters()) == pytest.approx((1.0, 5e-4))
 
 
 def test_step_decay_divides_by_ten_and_the_head_runs_at_its_multiple():
     opt_factory = partial(sgd, lr=0.1, momentum=0.9, weight_decay=5e-4)
     scheduler = partial(StepDecay, step_size=3, gamma=0.1)
     module = SECModule(
-        sec_net(), NUM_CLASSES, optimizer=opt_factory, scheduler=scheduler, head_lr_mult=10
+        sec_net(), NUM_CLASSES, optimizer=opt_factory, scheduler=scheduler, **CPU_MULTS
     )
     module.trainer = SimpleNamespace(estimated_stepping_batches=100)
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
-    backbone, head = head_and_backbone_groups(opt, module)
-    assert backbone["lr"] == pytest.approx(0.1) and head["lr"] == pytest.approx(1.0)
-    assert backbone["weight_decay"] == head["weight_decay"] == 5e-4
+    backbone, head = module.net.backbone.parameters, module.net.head_parameters
+    assert rate(opt, backbone()) == pytest.approx((0.1, 5e-4))
+    assert rate(opt, head()) == pytest.approx((1.0, 5e-4))
     lrs = []
     for _ in range(7):
         opt.step()
         sched.step()
-        lrs.append((backbone["lr"], head["lr"]))
+        lrs.append((rate(opt, backbone())[0], rate(opt, head())[0]))
     assert lrs[1] == pytest.approx((0.1, 1.0))  # after 2 steps: unchanged
     assert lrs[2] == pytest.approx((0.01, 0.1))  # after 3: / 10
     assert lrs[5] == pytest.approx((0.001, 0.01))  # after 6: / 100
@@ -260,19 +370,19 @@ def test_poly_lr_reaches_zero_at_total_steps():
         NUM_CLASSES,
         optimizer=partial(sgd, lr=0.1),
         scheduler=partial(PolyLR, power=0.9),
-        head_lr_mult=10,
         total_steps=6,
+        **CPU_MULTS,
     )
     module.trainer = SimpleNamespace(estimated_stepping_batches=1000)  # total_steps wins
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    backbone, head = head_and_backbone_groups(opt, module)
     for step in range(1, 7):
         opt.step()
         sched.step()
-        assert backbone["lr"] == pytest.approx(0.1 * (1 - step / 6) ** 0.9, abs=1e-12)
-        assert head["lr"] == pytest.approx(10 * backbone["lr"], abs=1e-12)
-    assert backbone["lr"] == pytest.approx(0.0, abs=1e-12) and head["lr"] == pytest.approx(0.0)
+        backbone = rate(opt, module.net.backbone.parameters())[0]
+        assert backbone == pytest.approx(0.1 * (1 - step / 6) ** 0.9, abs=1e-12)
+        assert rate(opt, module.net.head_parameters())[0] == pytest.approx(10 * backbone, abs=1e-12)
+    assert backbone == pytest.approx(0.0, abs=1e-12)
     # without total_steps the trainer's estimate sets the horizon
     module = SECModule(sec_net(), NUM_CLASSES, optimizer=partial(sgd, lr=0.1))
     module.trainer = SimpleNamespace(estimated_stepping_batches=4)

@@ -133,6 +133,7 @@ TABLE: list[tuple] = [
     ("seeded.module._target_", SEEDED_NET),
     ("seeded.module._partial_", {"train_seeded"}),
     ("seeded.test_crf.*", {"make_seeded_masks"}),
+    ("seeded.masks.*", {"make_seeded_masks"}),  # all classes or the image's; test scales
     ("seeded.inference_batch_size", NOTHING),
     ("seeded.train_crf_workers", NOTHING),
     ("seeded.crf_workers", NOTHING),

@@ -116,6 +116,22 @@ def test_with_cues_rejects_cues_of_another_data_set_or_grid(cfg, tmp_path):
         dataset[0]
 
 
+def test_multi_scale_masks_read_the_largest_scale(cfg):
+    """With seeded.masks.scales the prediction set comes at the largest size (each scale is
+    resized down from it); training keeps input_size, and so does the cue grid."""
+    multi = OmegaConf.merge(cfg, {"seeded": {"masks": {"scales": [48, 64, 80]}}})
+    train = build_dataset(
+        multi.data,
+        multi.data.train_split,
+        seeded_transform(multi, train=True),
+        extras={"frame": load_frame},
+    )
+    predict = build_dataset(multi.data, multi.data.train_split, seeded_transform(multi, False))
+    assert train[0]["image"].shape[-2:] == (64, 64) and cue_grid(multi) == (8, 8)
+    assert predict[0]["image"].shape[-2:] == (80, 80)
+    assert cfg.seeded.masks.scales is None  # the CPU recipe: input_size alone
+
+
 def test_cue_grid_is_the_nets_output_grid():
     def grid(size: int) -> tuple[int, int]:
         return cue_grid(OmegaConf.create({"seeded": {"input_size": size}}))

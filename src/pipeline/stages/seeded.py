@@ -4,9 +4,11 @@ make_cues          cues: foreground from this round's CAMs (> 0.2 x max), backgr
                    classifier's gradient saliency (the 10 % least salient cells): no external
                    saliency model, for SEC and DSRG alike (DSRG's DRFI cues are not used).
 train_seeded       seeded_net: SEC's or DSRG's net trained on the cues (seeded.module says which).
-make_seeded_masks  pseudo_masks: the net's predictions on the training images, kept to each
-                   image's classes, refined by the full-resolution dense CRF (the labels DSRG's
-                   "retrain" step and CONTA's SEC row use), then DeepLab-v2 is retrained on them.
+make_seeded_masks  pseudo_masks: the net's predictions on the training images (seeded.masks: over
+                   all classes as SEC demo.py / DSRG test-ms.py, or kept to each image's classes;
+                   one input scale, or DSRG's 241/321/401), refined by the full-resolution dense
+                   CRF (the labels DSRG's "retrain" step and CONTA's SEC row use), then
+                   DeepLab-v2 is retrained on them.
 
 Per-image stages are sharded over the ranks and resumable (one file per image, atomic writes).
 """
@@ -198,11 +200,21 @@ def _read_cues(cfg: DictConfig, cue_dir: Path, image_id: str, grid, labels=None)
 
 
 # -- the seeded net -----------------------------------------------------------------------------
+def mask_scales(cfg: DictConfig) -> list[int] | None:
+    """`seeded.masks.scales` as square sizes, or None (the input_size alone)."""
+    scales = cfg.seeded.masks.scales
+    return None if scales is None else [int(s) for s in scales]
+
+
 def seeded_transform(cfg: DictConfig, train: bool) -> SegTransform:
     """SEC/DSRG input: the whole image resized to `input_size` squared (no crop); in training a
     random horizontal flip when `seeded.flip` (DSRG; SEC has none). The frame map rides along so
-    the cue loader can tell a flipped sample (the cues live on the grid, not the image)."""
+    the cue loader can tell a flipped sample (the cues live on the grid, not the image). At test
+    time with `seeded.masks.scales` the largest of them and input_size, so that predict_step
+    resizes every scale down (or not at all) from the image's closest version."""
     size = int(cfg.seeded.input_size)
+    if not train and mask_scales(cfg):
+        size = max(size, *mask_scales(cfg))
     geometry = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]
     if train and cfg.seeded.flip:
         geometry.append(A.HorizontalFlip(p=0.5))
@@ -326,6 +338,7 @@ def make_seeded_masks(ctx: StageContext) -> StageResult:
     if not weights.is_file():
         raise MissingArtifactError(f"{weights} missing: re-run train_seeded")
     module.net.load_state_dict(read_weights(weights, "train_seeded"))
+    module.set_prediction(sd.masks.classes, mask_scales(cfg), grid=cue_grid(cfg))
     dataset = build_dataset(cfg.data, cfg.data.train_split, seeded_transform(cfg, train=False))
     probs_dir, out_dir = ctx.dir / PROBS_DIR, ctx.dir / MASK_DIR
     todo = missing_items(dataset.ids, (probs_dir, ".npz"))
@@ -392,6 +405,7 @@ _SEEDED_MASKS = (
     *_SEEDED_NET,
     "seeded.input_size",
     "seeded.module._target_",
+    "seeded.masks",
     "seeded.test_crf",
 )
 
