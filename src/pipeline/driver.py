@@ -47,7 +47,7 @@ from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
 from src.pipeline.stages.context import validate_conta
-from src.utils.io import atomic_write_json
+from src.utils.io import atomic_write_json, atomic_write_text
 from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
     def start_run() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # Temp file + rename: a config.yaml that is a link (or a hard-linked copy of another
+        # run's) is replaced, never written through.
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     run_on_rank_zero(start_run, "writing the run's config")
     fingerprints = _data_fingerprints(cfg, run_dir)
