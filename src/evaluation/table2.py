@@ -35,7 +35,7 @@ from scipy import stats
 
 from src.evaluation.report import RESULTS_JSON
 from src.utils.io import atomic_write_text
-from src.utils.untrusted import Source, conforms, describe, parse_json
+from src.utils.untrusted import Source, conforms, describe, parse_json, read_text
 
 RUN_DIR_TXT = "run_dir.txt"  # written by every Hydra multirun job: the path of its run folder
 TABLE_MD = "table2.md"
@@ -112,10 +112,8 @@ def _fail(paths: Iterable[Path], problem: str, fix: str) -> Table2Error:
 
 def _run_dir_target(txt: Path) -> Path:
     """The results.json a sweep job's run_dir.txt points at (relative paths from its folder)."""
-    try:
-        text = txt.read_text().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise _fail([txt], f"unreadable ({err})", "re-run that sweep job") from err
+    # A regular file of one path: a device or FIFO under that name is refused, not read.
+    text = read_text(Source(txt, "re-run that sweep job", Table2Error), limit=1 << 16).strip()
     if not text or "\n" in text or "\0" in text:
         raise _fail([txt], "does not hold one path", "re-run that sweep job")
     target = txt.parent / text  # an absolute `text` replaces the folder
@@ -189,8 +187,8 @@ def read_run(path: str | os.PathLike) -> Run | None:
     path = Path(path)
     src = Source(path, _FIX_RERUN, Table2Error)
     try:
-        obj = parse_json(path.read_text(), src, "the file")
-    except (OSError, UnicodeDecodeError, RecursionError) as err:
+        obj = parse_json(read_text(src), src, "the file")
+    except RecursionError as err:
         src.fail(f"unreadable ({type(err).__name__}: {err})", err)
     if type(obj) is not dict or type(obj.get("rounds")) is not dict:
         src.fail(f"not a {RESULTS_JSON} of this project (no 'rounds' object)")
