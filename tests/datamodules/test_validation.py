@@ -59,12 +59,15 @@ def test_corrupt_image(make_voc):
         _voc(root)
 
 
-def test_truncated_image_fails_at_load_naming_the_file(make_voc):
+@pytest.mark.parametrize("cut", [2, 100, 3])  # keep 1/2, all but 100 bytes, all but 3
+def test_truncated_image_fails_at_setup_naming_the_file(make_voc, cut):
     root = make_voc()
     path = root / "JPEGImages" / "a1.jpg"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # header intact: passes the header-only check
-    ds = _voc(root)
+    path.write_bytes(data[: len(data) // 2] if cut == 2 else data[:-cut])  # header intact
+    with pytest.raises(DatasetError, match=re.escape(str(path)) + " is unreadable or corrupt"):
+        _voc(root)
+    ds = _voc(root, validate=False)  # unchecked, it still fails naming the file when read
     with pytest.raises(DatasetError, match=re.escape(str(path)) + " could not be decoded"):
         ds[0]
 
