@@ -32,7 +32,7 @@ from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
 from src.pipeline.resources import folder_bytes, stage_resources
-from src.pipeline.reuse import StageRecord, reuse_stage
+from src.pipeline.reuse import StageRecord, remove_killed_copies, reuse_stage
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -85,6 +85,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
         # Temp file + rename: a config.yaml that is a link (or a hard-linked copy of another
         # run's) is replaced, never written through.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        # Whatever reuse_from says now: a copy killed by an earlier run is never kept.
+        remove_killed_copies(run_dir)
 
     run_on_rank_zero(start_run, "writing the run's config")
     fingerprints = _data_fingerprints(cfg, run_dir)

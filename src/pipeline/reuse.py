@@ -90,11 +90,36 @@ def reuse_stage(target: StageDir, digest: str, donors: Iterable[Path]) -> Path |
     return None
 
 
+def _remove(path: Path) -> None:
+    """A leftover copy: its folder, or (never made by us) a link or file of that name."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_killed_copies(run_dir: Path) -> int:
+    """Delete the hidden copies a killed reuse left in the run's round folders (they never
+    count as done, but a kill mid-copy left them, often the size of the stage, for good);
+    returns how many. Call on rank 0 when the run starts, before any stage is looked at."""
+    stale = sorted(Path(run_dir).glob(f"round_*/{REUSE_PREFIX}*"))
+    for path in stale:
+        _remove(path)
+    if stale:
+        log.warning(
+            "removed %d unfinished reuse cop%s of a killed run: %s",
+            len(stale),
+            "y" if len(stale) == 1 else "ies",
+            ", ".join(str(p) for p in stale[:5]),
+        )
+    return len(stale)
+
+
 def _copy_stage(donor: StageDir, target: StageDir, digest: str) -> bool:
     round_dir = target.path.parent
     round_dir.mkdir(parents=True, exist_ok=True)
     for stale in round_dir.glob(f"{REUSE_PREFIX}{target.stage}-*"):  # a killed earlier copy
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f"{REUSE_PREFIX}{target.stage}-", dir=round_dir))
     try:
         # DONE.json last: the copy holds every artifact before it holds the marker.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from src.pipeline import reuse
+from src.pipeline import driver, reuse
 from src.pipeline.artifacts import StageDir
 from src.pipeline.reuse import REUSE_PREFIX, StageRecord, reuse_stage
 from src.pipeline.stages import STAGES
@@ -165,3 +165,33 @@ def test_a_leftover_copy_of_a_killed_run_is_removed(tmp_path):
     (stale / "stage").mkdir(parents=True)
     reuse_stage(target, DIGEST, [donor.run_dir])
     assert not stale.exists()
+
+
+def test_a_run_without_reuse_removes_the_copies_a_kill_left(tiny_cfg, tmp_path, monkeypatch):
+    """A reuse copy killed mid-way (SIGKILL skips _copy_stage's cleanup) is removed when the next
+    run starts, reuse_from=[] included; nothing it linked to outside is touched."""
+    run_dir = Path(tiny_cfg.paths.run_dir)
+    killed = run_dir / "round_0" / f"{REUSE_PREFIX}make_cams-k1ll3d" / "stage" / "cams"
+    killed.mkdir(parents=True)
+    (killed / "a.npz").write_bytes(b"cam" * 1000)
+    other_round = run_dir / "round_1" / f"{REUSE_PREFIX}train_cam-x"
+    other_round.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    (run_dir / "round_0" / f"{REUSE_PREFIX}eval_cams-link").symlink_to(outside)
+    with open_dict(tiny_cfg):
+        tiny_cfg.reuse_from = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg, run_dir):
+        raise Stop  # the run has started: the stages would come next
+
+    monkeypatch.setattr(driver, "check_before_work", lambda cfg: None)
+    monkeypatch.setattr(driver, "_data_fingerprints", stop)
+    with pytest.raises(Stop):
+        driver.run_pipeline(tiny_cfg)
+    assert not list(run_dir.glob(f"round_*/{REUSE_PREFIX}*"))
+    assert (outside / "keep").read_text() == "mine"
