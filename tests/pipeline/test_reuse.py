@@ -120,6 +120,80 @@ def test_a_donor_that_does_not_fit_is_not_used(tmp_path, marker):
     assert target.read_done() is None and (target.path / "RUNNING.json").exists()
 
 
+def _forged(values=None, prefix="cam", nested=False, **extra) -> dict:
+    values = {"miou": 0.5} if values is None else values
+    return {"prefix": prefix, "values": values, "nested": nested, **extra}
+
+
+# Records the probe forged: each would have reached results.json (a string where a score
+# belongs made every later rerun of the run die while rendering results.md).
+FORGED = {
+    "a string score": _forged({"miou": "0.99"}),
+    "a score above 1": _forged({"miou": 1.5}),
+    "a negative score": _forged({"best_miou": -0.1}),
+    "a NaN score": _forged({"miou": float("nan")}),
+    "an infinite number": _forged({"threshold": float("inf")}),
+    "a bool score": _forged({"miou": True}),
+    "a score that is a dict": _forged({"miou": {"a": 0.5}}),
+    "a path prefix": _forged(prefix="../../x"),
+    "a prefix with a slash": _forged(prefix="cam/x"),
+    "the seconds prefix": _forged(prefix="seconds", nested=True),
+    "a path key": _forged({"../x": 0.5}),
+    "errors as a list": _forged({"errors": [0.1, 0.2]}),
+    "a string class iou": _forged({"per_class_iou": {"cat": "high"}}),
+    "a class iou above 1": _forged({"per_class_iou": {"cat": 2.0}}),
+    "a raw threshold sweep": _forged({"at_configured": {"miou": 0.5}}),
+    "a split that is a path": _forged({"miou": 0.5, "split": "../val"}),
+    "a nested record holding a dict": _forged({"alpha_max": {"x": 1}}, prefix="context"),
+    "nested as a string": _forged(nested="false"),
+    "an unknown record key": _forged(extra=1),
+}
+
+
+@pytest.mark.parametrize("record", list(FORGED.values()), ids=list(FORGED))
+def test_a_forged_donor_record_is_refused_with_a_warning(tmp_path, record, caplog):
+    donor = _donor(tmp_path, results=record)
+    target = _target(tmp_path)
+    with caplog.at_level("WARNING", logger="src.pipeline.reuse"):
+        assert reuse_stage(target, DIGEST, [donor.run_dir]) is None
+    assert target.read_done() is None and not (target.path / "cams").exists()
+    assert str(donor.done_file) in caplog.text and "computing the stage" in caplog.text
+    assert StageRecord.from_done({"results": record}) is None
+
+
+def test_the_records_the_stages_write_are_reused(tmp_path):
+    """The shapes of eval_cams' (threshold sweep), the CRF's and CONTA's context records."""
+    records = [
+        _forged(
+            {
+                "miou": 0.41,
+                "threshold": 0.15,
+                "best_miou": 0.43,
+                "best_threshold": 0.2,
+                "errors": {"incomplete_foreground": 0.3, "object_ambiguity": None},
+                "per_class_iou": {"background": 0.8, "traffic light": None},
+                "context_leakage": 0.02,
+                "sweep": {"0.1": 0.4, "0.15": 0.41},
+            }
+        ),
+        _forged(
+            {"miou": 0.5, "split": "val", "images": 5, "split_images": 8, "without_crf_miou": 0.4},
+            prefix="seg_crf",
+        ),
+        _forged(
+            {"alpha_max": 0.3, "m_spread": 2.5, "images": 24, "inert": False, "gain": -1.0},
+            prefix="context",
+            nested=True,
+        ),
+        _forged({}, prefix="train_cam"),  # a stage without a results row
+    ]
+    for i, record in enumerate(records):
+        donor = _donor(tmp_path / str(i), results=record)
+        target = _target(tmp_path / str(i))
+        assert reuse_stage(target, DIGEST, [donor.run_dir]) == donor.path
+        assert StageRecord.from_done(target.read_done()).to_json() == record
+
+
 def test_the_own_run_is_never_a_donor(tmp_path):
     donor = _donor(tmp_path)
     assert reuse_stage(donor, DIGEST, [donor.run_dir]) is None
