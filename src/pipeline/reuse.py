@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from src.utils.untrusted import describe
 
 log = logging.getLogger(__name__)
 REUSE_PREFIX = ".reuse-"  # hidden copies in progress: round_<t>/.reuse-<stage>-<random>
+_FREE_MARGIN = 256 << 20  # a copy across file systems leaves at least this much free
 
 
 # A record's prefix and its keys become results.json row keys (`{prefix}_{key}`, or `prefix`):
@@ -126,11 +128,92 @@ class StageRecord:
 
 def _link_or_copy(src: str, dst: str) -> None:
     """A hard link (no bytes duplicated; artifacts are never rewritten in place, a redo removes
-    the folder first), or a copy across file systems."""
+    the folder first), or a copy across file systems. Links are never followed: `src` is a
+    regular file by the time it gets here (see _donor_listing)."""
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+class UnsafeDonorError(ValueError):
+    """A donor stage folder holding what a stage never writes: a link out of it, a device."""
+
+
+@dataclass(frozen=True)
+class _Listing:
+    folders: list[Path]  # relative to the stage folder, parents first
+    files: list[Path]
+    bytes: int  # the files' apparent sizes: what a copy across file systems writes
+
+
+def _donor_listing(root: Path) -> _Listing:
+    """The folders and regular files under a donor's stage folder `root`, never following a
+    link. A link that stays inside `root` (W&B's `latest-run`) is left out of the copy; a link
+    out of it, or a FIFO, device or socket, makes the donor an UnsafeDonorError."""
+    if root.is_symlink() or not root.is_dir():
+        raise UnsafeDonorError(f"{root} is a link or no folder")
+    folders: list[Path] = []
+    files: list[Path] = []
+    total = 0
+    pending = [Path()]
+    while pending:
+        rel = pending.pop()
+        with os.scandir(root / rel) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                path = rel / entry.name
+                if entry.is_symlink():
+                    target = (root / rel / os.readlink(entry.path)).resolve()
+                    if not target.is_relative_to(root.resolve()):
+                        raise UnsafeDonorError(f"{root / path} is a link out of the stage folder")
+                    log.debug("not copying the link %s (inside the donor)", root / path)
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                    pending.append(path)
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(path)
+                    total += entry.stat(follow_symlinks=False).st_size
+                else:
+                    raise UnsafeDonorError(f"{root / path} is not a regular file")
+    return _Listing(sorted(folders, key=lambda p: len(p.parts)), files, total)
+
+
+def _only_regular_files(root: Path) -> bool:
+    """Whether the finished copy holds folders and regular files only (a donor file swapped
+    for a link while it was copied would otherwise be carried over)."""
+    for folder, subfolders, names in os.walk(root):
+        for name in subfolders + names:
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                return False
+    return True
+
+
+def _copy_files(donor: Path, dst: Path, listing: _Listing) -> None:
+    dst.mkdir()
+    for folder in listing.folders:
+        (dst / folder).mkdir()
+    for rel in listing.files:
+        if rel != Path(DONE_FILE):  # the marker last, once every artifact is in the copy
+            _link_or_copy(str(donor / rel), str(dst / rel))
+
+
+def _same_file_system(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def _room_for(listing: _Listing, donor: Path, dst_dir: Path) -> str | None:
+    """Why the copy cannot go ahead (None when it can): across file systems every byte is
+    written out, holes of a sparse file included, so the files must fit the free space."""
+    if _same_file_system(donor, dst_dir):
+        return None  # hard links: no bytes written
+    free = shutil.disk_usage(dst_dir).free
+    if listing.bytes > free - _FREE_MARGIN:
+        return (
+            f"its files hold {listing.bytes} bytes (holes of sparse files included), more than "
+            f"the {free} free on {dst_dir}'s file system"
+        )
+    return None
 
 
 def _donor_done(donor: StageDir, digest: str) -> dict | None:
@@ -195,18 +278,25 @@ def _copy_stage(donor: StageDir, target: StageDir, digest: str) -> bool:
     round_dir.mkdir(parents=True, exist_ok=True)
     for stale in round_dir.glob(f"{REUSE_PREFIX}{target.stage}-*"):  # a killed earlier copy
         _remove(stale)
+    try:
+        listing = _donor_listing(donor.path)
+    except (UnsafeDonorError, OSError) as err:
+        log.warning("not reusing %s: %s; computing the stage instead", donor.path, err)
+        return False
+    no_room = _room_for(listing, donor.path, round_dir)
+    if no_room is not None:
+        log.warning("not reusing %s: %s; computing the stage instead", donor.path, no_room)
+        return False
     tmp = Path(tempfile.mkdtemp(prefix=f"{REUSE_PREFIX}{target.stage}-", dir=round_dir))
     try:
         # DONE.json last: the copy holds every artifact before it holds the marker.
-        shutil.copytree(
-            donor.path,
-            tmp / "stage",
-            copy_function=_link_or_copy,
-            ignore=lambda folder, names: [DONE_FILE] if Path(folder) == donor.path else [],
-        )
+        _copy_files(donor.path, tmp / "stage", listing)
         done = _donor_done(donor, digest)  # the donor may have been redone meanwhile
         if done is None or StageRecord.from_done(done) is None:  # ... or its marker rewritten
             log.warning("not reusing %s: it changed while being copied", donor.path)
+            return False
+        if not _only_regular_files(tmp / "stage"):
+            log.warning("not reusing %s: a file became a link while being copied", donor.path)
             return False
         done["reused_from"] = str(donor.path)
         atomic_write_json(tmp / "stage" / DONE_FILE, done)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import open_dict
@@ -269,3 +272,75 @@ def test_a_run_without_reuse_removes_the_copies_a_kill_left(tiny_cfg, tmp_path, 
         driver.run_pipeline(tiny_cfg)
     assert not list(run_dir.glob(f"round_*/{REUSE_PREFIX}*"))
     assert (outside / "keep").read_text() == "mine"
+
+
+# -- what a donor folder may hold: regular files inside it, nothing followed out -----------------
+def _outside(tmp_path) -> Path:
+    folder = tmp_path / "system"
+    folder.mkdir()
+    (folder / "passwd").write_text("root:x:0:0\n")
+    return folder
+
+
+def _refused(tmp_path, donor, caplog, problem):
+    target = _target(tmp_path)
+    with caplog.at_level("WARNING", logger="src.pipeline.reuse"):
+        assert reuse_stage(target, DIGEST, [donor.run_dir]) is None
+    assert target.read_done() is None and not list(target.path.parent.glob(f"{REUSE_PREFIX}*"))
+    assert re.search(problem, caplog.text), caplog.text
+
+
+def test_a_file_link_out_of_the_donor_is_not_carried_over(tmp_path, caplog):
+    system, donor = _outside(tmp_path), _donor(tmp_path)
+    (donor.path / "cams" / "b.npz").symlink_to(system / "passwd")
+    _refused(tmp_path, donor, caplog, r"cams/b.npz is a link out of the stage folder")
+    assert (system / "passwd").stat().st_nlink == 1  # no hard link to it was made
+
+
+def test_a_folder_link_out_of_the_donor_is_not_followed(tmp_path, caplog):
+    system, donor = _outside(tmp_path), _donor(tmp_path)
+    (donor.path / "ssl").symlink_to(system, target_is_directory=True)
+    _refused(tmp_path, donor, caplog, r"ssl is a link out of the stage folder")
+    assert (system / "passwd").stat().st_nlink == 1
+
+
+def test_a_donor_stage_folder_that_is_a_link_is_not_used(tmp_path, caplog):
+    elsewhere = _donor(tmp_path / "elsewhere")
+    donor = StageDir(tmp_path / "donor", 0, "make_cams")
+    donor.path.parent.mkdir(parents=True)
+    donor.path.symlink_to(elsewhere.path, target_is_directory=True)
+    _refused(tmp_path, donor, caplog, r"is a link or no folder")
+    assert (elsewhere.path / "cams" / "a.npz").stat().st_nlink == 1
+
+
+def test_a_fifo_in_the_donor_is_refused_not_read(tmp_path, caplog):
+    donor = _donor(tmp_path)
+    os.mkfifo(donor.path / "cams" / "b.npz")
+    _refused(tmp_path, donor, caplog, r"cams/b.npz is not a regular file")
+
+
+def test_a_link_inside_the_donor_is_left_out_and_the_rest_copied(tmp_path):
+    donor, target = _donor(tmp_path), _target(tmp_path)
+    wandb = donor.path / "logs" / "wandb"
+    (wandb / "run-1").mkdir(parents=True)
+    (wandb / "run-1" / "log.txt").write_text("x")
+    (wandb / "latest-run").symlink_to("run-1", target_is_directory=True)
+    assert reuse_stage(target, DIGEST, [donor.run_dir]) == donor.path
+    copied = target.path / "logs" / "wandb"
+    assert (copied / "run-1" / "log.txt").read_text() == "x"
+    assert not (copied / "latest-run").exists() and not (copied / "latest-run").is_symlink()
+    assert (target.path / "cams" / "a.npz").read_bytes() == b"cam"
+
+
+def test_a_copy_across_file_systems_must_fit_the_free_space(tmp_path, monkeypatch, caplog):
+    """A sparse donor file is written out in full across file systems: 1 GiB of holes here,
+    with 512 MiB free."""
+    donor = _donor(tmp_path)
+    with open(donor.path / "cams" / "sparse.npz", "wb") as f:
+        f.truncate(1 << 30)
+    monkeypatch.setattr(reuse, "_same_file_system", lambda a, b: False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 29))
+    copied = []
+    monkeypatch.setattr(reuse, "_link_or_copy", lambda src, dst: copied.append(src))
+    _refused(tmp_path, donor, caplog, r"holds \d+ bytes .*more than the 536870912 free")
+    assert not copied
