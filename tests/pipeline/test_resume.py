@@ -9,6 +9,7 @@ checkpoint callback, a truncated checkpoint) without a subprocess.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,6 +248,47 @@ def test_truncated_checkpoint_is_not_resumed_from(tmp_path, caplog):
         assert ctx.checkpoint_to_resume() is None
     assert ctx.resumed_from_step == 0 and not last.exists()
     assert "not a complete checkpoint" in caplog.text
+
+
+def _bad_archive(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:  # a complete zip, but not torch.save's layout
+        z.writestr("archive/readme.txt", "not a checkpoint")
+
+
+def _saved(obj) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        path.write_bytes(buf.getvalue())
+
+    return write
+
+
+DAMAGED_CHECKPOINTS = {
+    "a list payload": _saved([1, 2, 3]),
+    "a tensor payload": _saved(torch.ones(3)),
+    "another zip": _bad_archive,
+    "a pickled global": _saved({"global_step": 7, "when": datetime.date(2020, 1, 1)}),
+    "a string step": _saved({"global_step": "7", "state_dict": {}}),
+    "a negative step": _saved({"global_step": -1, "state_dict": {}}),
+    "a state dict of strings": _saved({"global_step": 7, "state_dict": {"w": "x"}}),
+}
+
+
+@pytest.mark.parametrize("write", list(DAMAGED_CHECKPOINTS.values()), ids=list(DAMAGED_CHECKPOINTS))
+def test_a_damaged_checkpoint_is_removed_and_training_starts_over(tmp_path, caplog, write):
+    ctx = StageContext(cfg=OmegaConf.create({}), round=0, name="s", dir=tmp_path, inputs={}, seed=0)
+    last = tmp_path / "checkpoints/last.ckpt"
+    last.parent.mkdir()
+    write(last)
+    with caplog.at_level(logging.WARNING):
+        assert ctx.checkpoint_to_resume() is None
+    assert ctx.resumed_from_step == 0 and not last.exists()
+    assert f"{last} is not a checkpoint of this stage" in caplog.text
+    assert "training starts over" in caplog.text
+    assert ctx.checkpoint_to_resume() is None  # and the next rerun has nothing to trip on
 
 
 @pytest.mark.parametrize("steps", [0, 5])
