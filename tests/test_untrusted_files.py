@@ -280,6 +280,6 @@ def test_read_npz_refuses_a_bare_npy_and_names_the_file(tmp_path):
 def test_damaged_done_marker_means_not_done(tmp_path):
     sdir = StageDir(tmp_path, 0, "train_cam")
     sdir.path.mkdir(parents=True)
-    for text in ("{not json", "[1, 2]"):
-        sdir.done_file.write_text(text)
+    for text in ("{not json", "[1, 2]", "[" * 100_000, "\udcff"):
+        sdir.done_file.write_text(text, errors="surrogateescape")  # the last: not UTF-8
         assert sdir.read_done() is None and not sdir.is_done("abc")

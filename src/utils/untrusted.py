@@ -138,8 +138,11 @@ def read_json_object(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        obj = json.loads(read_text(Source(path, "none needed, it is redone")))
+    except UntrustedFileError as err:  # not a regular file by now, too big, not UTF-8
+        log.warning("ignoring %s", err)
+        return None
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than json's
         log.warning("ignoring %s, it is not valid JSON (%s)", path, err)
         return None
     if type(obj) is not dict:
