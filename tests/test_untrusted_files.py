@@ -260,7 +260,7 @@ def test_tampered_confounder_file_is_refused(case, tmp_path):
 
 
 def test_cam_file_with_an_object_array_or_unknown_array_is_refused(tmp_path):
-    keys, cam = np.array([0, 1], np.int16), np.zeros((2, 4, 4), np.float16)
+    keys, cam = np.array([1, 2], np.int16), np.zeros((2, 4, 4), np.float16)
     np.savez(tmp_path / "x.npz", keys=keys, cam=cam, high_res=np.array([None], dtype=object))
     with pytest.raises(MissingArtifactError, match="x.npz.*force=\\[make_cams\\]"):
         load_cam(tmp_path, "x")
