@@ -6,8 +6,11 @@ so two runs whose stage hashes agree would compute the same artifacts. The case 
 `conta=off,on` computes each baseline once (`reuse_from` in conf/train.yaml).
 
 A donor is untrusted like any file: its DONE.json must carry this stage's hash and a results
-record of plain values, and the copy is assembled in a hidden sibling folder and renamed into
-place, so an interrupted copy never leaves a stage that counts as done.
+record of the plain values the stages write (check_record_values), its folder may hold only
+folders and regular files (no link out of it is followed), and the copy is assembled in a
+hidden sibling folder and renamed into place, so an interrupted copy never leaves a stage that
+counts as done (and a killed one is removed when the next run starts: remove_killed_copies).
+The scores in a valid record are still the donor's: they are not recomputed from the copy.
 """
 
 from __future__ import annotations
