@@ -130,7 +130,9 @@ def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
     """The results.json of every run under `dirs`: a run folder (results.json), a sweep job
     folder (run_dir.txt), or any folder searched for both. The same file reached twice (a sweep
     and its run folders) counts once; a folder with no run is an error, not an empty table."""
-    found: dict[Path, None] = {}  # resolved path -> None: an ordered set
+    # resolved path -> the path it was found as (an ordered set; errors name the found path,
+    # not what a link resolves to)
+    found: dict[Path, Path] = {}
     for d in map(Path, dirs):
         if not d.is_dir():
             raise _fail([d], "is not a folder", "pass run folders or sweep folders")
@@ -138,12 +140,13 @@ def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
         for root, subdirs, files in os.walk(d):
             here = Path(root)
             if RESULTS_JSON in files:
-                found[(here / RESULTS_JSON).resolve()] = None
+                path = here / RESULTS_JSON
             elif RUN_DIR_TXT in files:
-                found[_run_dir_target(here / RUN_DIR_TXT).resolve()] = None
+                path = _run_dir_target(here / RUN_DIR_TXT)
             else:
                 subdirs.sort()
                 continue
+            found.setdefault(path.resolve(), path)
             here_found += 1
             subdirs.clear()  # a run's or a job's folders hold no other run
         if not here_found:
@@ -153,7 +156,7 @@ def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
                 "pass a run folder (outputs/<experiment>/seed_<s>) or a sweep folder "
                 "(outputs/multirun/<name>) whose jobs have finished",
             )
-    return list(found)
+    return list(found.values())
 
 
 # ----------------------------------------------------------------------------- checking runs
