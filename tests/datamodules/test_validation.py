@@ -167,14 +167,18 @@ def test_missing_context_map(make_voc):
 def test_a_bad_list_line_names_the_file_and_the_line(make_voc, lines, line_no, problem):
     root = make_voc()
     (root / LIST).write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError, match=re.escape(f"{root / LIST}, line {line_no}: ") + problem):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{root / LIST}, line {line_no}: ") + ".*" + problem
+    ):
         _voc(root)
 
 
 def test_a_list_that_is_not_utf8_names_the_line(make_voc):
     root = make_voc()
     (root / LIST).write_bytes(b"a1\na2\xff\na3\n")
-    with pytest.raises(DatasetError, match=re.escape(f"{root / LIST}, line 2: not UTF-8.*Fix")):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{root / LIST}, line 2: not UTF-8") + ".*Fix"
+    ):
         _voc(root)
 
 

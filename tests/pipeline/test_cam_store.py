@@ -79,7 +79,10 @@ def _planes(n):
 BAD_CAMS = {
     "repeated keys": (_bad_keys([3, 3]), r"keys \[3, 3\] repeat a class"),
     "a 0 key": (_bad_keys([0, 3]), r"keys \[0, 3\] must be 1-based object class ids"),
-    "a key past 254": (_bad_keys([1, 255]), r"must be 1-based object class ids in 1..254"),
+    "a key past 254": (
+        _bad_keys([1, 255]),
+        r"keys \[1, 255\] must be 1-based object class ids in 1..254",
+    ),
     "keys as a matrix": (_bad_keys([[1, 3]]), r"array 'keys' has shape \(1, 2\)"),
     "a float above 1": (_float_map(7.5), r"array 'high_res' spans \[0, 7.5\], expected \[0, 1\]"),
     "a negative float": (_float_map(-2.0), r"array 'high_res' spans \[-2, 1\]"),
