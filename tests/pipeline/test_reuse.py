@@ -342,5 +342,5 @@ def test_a_copy_across_file_systems_must_fit_the_free_space(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 29))
     copied = []
     monkeypatch.setattr(reuse, "_link_or_copy", lambda src, dst: copied.append(src))
-    _refused(tmp_path, donor, caplog, r"holds \d+ bytes .*more than the 536870912 free")
+    _refused(tmp_path, donor, caplog, r"files hold \d+ bytes .*more than the 536870912 free")
     assert not copied
