@@ -183,7 +183,7 @@ def _run_stage(
     if reason is None and sdir.is_done(digest):
         log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
         return False
-    if reason is None and cfg.get("reuse_from"):
+    if reason is None and cfg.get("reuse_from") and stage.reuse:
         run_on_rank_zero(lambda: _reuse(cfg, sdir, digest), f"reusing {sdir.path}")
         if sdir.is_done(digest):
             return False

@@ -10,7 +10,10 @@ record of the plain values the stages write (check_record_values), its folder ma
 folders and regular files (no link out of it is followed), and the copy is assembled in a
 hidden sibling folder and renamed into place, so an interrupted copy never leaves a stage that
 counts as done (and a killed one is removed when the next run starts: remove_killed_copies).
-The scores in a valid record are still the donor's: they are not recomputed from the copy.
+Stages that only score their inputs (Stage.reuse=False: eval_cams, eval_pseudo, eval_segmenter)
+are never copied: the driver computes them from the copied artifacts, so a donor's scores are not
+taken on faith. The records of the other stages (the CRF's score, CONTA's diagnostics) are
+checked for type and range only.
 """
 
 from __future__ import annotations

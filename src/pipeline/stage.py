@@ -144,3 +144,6 @@ class Stage:
     # A training stage's global batch: its batch-size key, then its accumulation key if any.
     # The driver checks it divides over the ranks before the first stage runs.
     global_batch: tuple[str, ...] = ()
+    # False for a stage that only scores its inputs: with `reuse_from` it is computed from the
+    # (copied) artifacts, so a donor's scores are never taken on faith (src/pipeline/reuse.py).
+    reuse: bool = True

@@ -19,9 +19,12 @@ from src.pipeline.reuse import REUSE_PREFIX, StageRecord, reuse_stage
 from src.pipeline.stages import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
-from tests.pipeline.conftest import ROUND0
+from tests.pipeline.conftest import ROUND0, copy_run
 
 BASELINE = [s for s in ROUND0 if s != "confounders"]  # conta=off's stages
+# Its stages that are copied; the others only score, and are recomputed from the copies.
+COPIED = [s for s in BASELINE if STAGES[s].reuse]
+SCORING = ["eval_cams", "eval_pseudo", "eval_segmenter"]
 
 
 def _conta_off(finished_run, tmp_path):
@@ -49,18 +52,21 @@ def _without_seconds(row: dict) -> dict:
 def test_conta_off_copies_round_0_of_the_conta_run(finished_run, tmp_path, monkeypatch):
     _, donor_results = finished_run
     cfg = _conta_off(finished_run, tmp_path)
-    _fail_if_run(monkeypatch, BASELINE)
+    assert sorted(set(BASELINE) - set(COPIED)) == sorted(SCORING)
+    _fail_if_run(monkeypatch, COPIED)
     results = train(cfg)
     assert _without_seconds(results["rounds"]["0"]) == _without_seconds(
         donor_results["rounds"]["0"]
     )
     assert results["conta"] is False and results["experiment"] == cfg.experiment_name
     run_dir, donor_dir = Path(cfg.paths.run_dir), Path(finished_run[0].paths.run_dir)
-    for stage in BASELINE:
+    for stage in COPIED:
         done = StageDir(run_dir, 0, stage).read_done()
         assert done["reused_from"] == str(StageDir(donor_dir, 0, stage).path)
         for artifact in done["artifacts"]:
             assert (run_dir / "round_0" / stage / artifact).exists()
+    for stage in SCORING:  # scored again from the copied artifacts: the same numbers
+        assert "reused_from" not in StageDir(run_dir, 0, stage).read_done()
     mask = sorted((run_dir / "round_0/make_pseudo_masks/masks").glob("*.png"))[0]
     donor_mask = donor_dir / "round_0/make_pseudo_masks/masks" / mask.name
     assert mask.stat().st_ino == donor_mask.stat().st_ino  # hard-linked, not duplicated
@@ -71,10 +77,27 @@ def test_a_changed_setting_computes_only_the_stages_it_affects(finished_run, tmp
     cfg = _conta_off(finished_run, tmp_path)
     with open_dict(cfg):
         cfg.segmenter.crf.iterations = 5  # changes crf_segmenter's hash only
-    _fail_if_run(monkeypatch, [s for s in BASELINE if s != "crf_segmenter"])
+    _fail_if_run(monkeypatch, [s for s in COPIED if s != "crf_segmenter"])
     train(cfg)
     done = StageDir(Path(cfg.paths.run_dir), 0, "crf_segmenter").read_done()
     assert "reused_from" not in done and done["config"]["segmenter.crf"]["iterations"] == 5
+
+
+def test_a_donor_s_forged_score_never_reaches_the_results(finished_run, tmp_path, monkeypatch):
+    """A donor whose eval_cams record claims a CAM mIoU of 0.99 (a plausible fraction, so it
+    passes the record checks): the score comes from the copied CAMs, not from the record."""
+    _, donor_results = finished_run
+    donor_cfg = copy_run(finished_run, tmp_path / "donor")
+    sdir = StageDir(Path(donor_cfg.paths.run_dir), 0, "eval_cams")
+    done = sdir.read_done()
+    done["results"]["values"]["miou"] = 0.99
+    sdir.done_file.write_text(json.dumps(done))
+    cfg = _conta_off(finished_run, tmp_path / "recipient")
+    with open_dict(cfg):
+        cfg.reuse_from = [donor_cfg.paths.run_dir]
+    _fail_if_run(monkeypatch, COPIED)
+    results = train(cfg)
+    assert results["rounds"]["0"]["cam_miou"] == donor_results["rounds"]["0"]["cam_miou"] != 0.99
 
 
 def test_empty_reuse_from_computes_everything(finished_run, tmp_path, monkeypatch):
