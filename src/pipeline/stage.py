@@ -88,10 +88,11 @@ class StageContext:
 def _checked_step(ckpt: object) -> int:
     """The optimizer step of a Lightning checkpoint payload: a dict whose state_dict maps names
     to tensors and whose global_step (default 0) is an int >= 0; else ValueError."""
-    if type(ckpt) is not dict:
+    # isinstance: Lightning's state_dict is an OrderedDict (weights_only builds nothing else)
+    if not isinstance(ckpt, dict):
         raise ValueError(f"the payload is {describe(ckpt)}, not a dict")
     state = ckpt.get("state_dict", {})
-    if type(state) is not dict or not all(
+    if not isinstance(state, dict) or not all(
         type(k) is str and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError("its state_dict is not a dict of tensors")

@@ -343,3 +343,16 @@ def test_sigkill_mid_segmenter_training_then_resume_equals_an_uninterrupted_run(
     b = torch.load(reference / SEGMENTER_STAGE / "segmenter.pt", weights_only=True)["state_dict"]
     unequal = [k for k in b if not torch.equal(a[k], b[k])]
     assert not unequal, f"{len(unequal)} of {len(b)} tensors differ, e.g. {unequal[:3]}"
+
+
+def test_a_lightning_checkpoint_with_an_ordered_state_dict_is_resumed_from(tmp_path):
+    """What Lightning writes: the state_dict is an OrderedDict (a first version of the damage
+    check took it for damage and made every killed training start over)."""
+    from collections import OrderedDict
+
+    ctx = StageContext(cfg=OmegaConf.create({}), round=0, name="s", dir=tmp_path, inputs={}, seed=0)
+    last = tmp_path / "checkpoints/last.ckpt"
+    last.parent.mkdir()
+    state = OrderedDict(w=torch.ones(3))
+    _saved({"epoch": 0, "global_step": 3, "state_dict": state, "loops": {}})(last)
+    assert ctx.checkpoint_to_resume() == str(last) and ctx.resumed_from_step == 3
