@@ -25,6 +25,7 @@ from src.pipeline.artifacts import MissingArtifactError, StageDir
 from src.pipeline.plan import build_plan
 from src.pipeline.stage import StageContext
 from src.pipeline.stages import STAGES
+from src.utils.errors import UserError
 from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ SOURCE_FILE = "SOURCE.json"
 _SCORED = {"eval_cams": "cam", "eval_pseudo": "pseudo", "eval_segmenter": "seg"}
 
 
-class EvaluationError(RuntimeError):
-    pass
+class EvaluationError(UserError, RuntimeError):
+    """A run that cannot be re-scored as asked (no finished run, an unknown split)."""
 
 
 def _finished(run_dir: Path, round_idx: int, stage: str) -> Path:
@@ -86,12 +87,13 @@ def evaluate(cfg: DictConfig) -> dict:
     round_idx = int(cfg.round)
     run_val_split, run_eval_split = cfg.data.val_split, cfg.data.eval_split
     split = cfg.get("split") or None
+    # Checked before anything is created or removed: the split names a folder that
+    # _tie_to_run may delete, so it must be a configured split and stay inside the run.
+    out_dir = _output_dir(cfg, run_dir, round_idx, split)
     with open_dict(cfg):
         if split is not None:
             cfg.data.eval_split = split
             cfg.data.val_split = split
-    tag = split or "default"
-    out_dir = run_dir / "eval" / f"round_{round_idx}_{tag}"
     _tie_to_run(out_dir, run_dir, round_idx, cfg)
 
     scored: dict[str, dict] = {}
@@ -118,6 +120,27 @@ def evaluate(cfg: DictConfig) -> dict:
     print_results(results)
     _compare_with_run(run_dir, round_idx, scored, split)
     return scored
+
+
+def _output_dir(cfg: DictConfig, run_dir: Path, round_idx: int, split: str | None) -> Path:
+    """run_dir/eval/round_{t}_{split}, once `split` is known to be one of data.splits and the
+    folder (resolved) lies inside run_dir/eval; else an EvaluationError naming the fix."""
+    configured = [str(s) for s in (cfg.data.get("splits") or {})]
+    if split is not None and (type(split) is not str or split not in configured):
+        raise EvaluationError(
+            f"split={split!r} is not a split of data={cfg.data.name}. "
+            f"Fix: pass one of {configured}, or leave split out for the run's own splits"
+        )
+    if round_idx < 0:
+        raise EvaluationError(f"round={round_idx} must be >= 0. Fix: pass the round to re-score")
+    root = run_dir / "eval"
+    out_dir = (root / f"round_{round_idx}_{split or 'default'}").resolve()
+    if not out_dir.is_relative_to(root.resolve()) or out_dir == root.resolve():
+        raise EvaluationError(
+            f"the evaluation folder {out_dir} lies outside {root} (split={split!r}). "
+            "Fix: pass a split name that is a plain folder name"
+        )
+    return out_dir
 
 
 def _tie_to_run(out_dir: Path, run_dir: Path, round_idx: int, cfg: DictConfig) -> None:

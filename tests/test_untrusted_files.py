@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
+import re
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +133,11 @@ BAD_SPECS = {
     "std_zero": (_set(("std",), [0.2, 0.0, 0.2]), "spec['std']"),
     "scales_nan": (_set(("scales",), [float("nan")]), "spec['scales']"),
     "scales_tensor": (_set(("scales",), torch.ones(2)), "spec['scales']"),
+    "scales_huge": (_set(("scales",), [1.0, 1e6]), "spec['scales']"),  # a 49 PB allocation
+    "scales_many": (_set(("scales",), [1.0] * 17), "spec['scales']"),
+    "rates_huge": (_set(("rates",), [6, 10**6]), "spec['rates']"),
+    "backbone_stride_three": (_set(("backbone", "strides"), [2, 3, 1, 1]), "['strides']"),
+    "backbone_huge_dilation": (_set(("backbone", "dilations"), [1, 1, 2, 10**6]), "['dilations']"),
     "spec_unknown_key": (_set(("extra",), 1), "unknown key 'extra'"),
     "spec_missing_key": (_drop("rates"), "lacks ['rates']"),
     "spec_not_dict": (lambda s: list(s), "spec is list"),
@@ -165,6 +174,51 @@ def test_unknown_payload_entry_is_refused(state_dict, tmp_path):
     ckpt = write_checkpoint(tmp_path / "s.pt", SPEC, state_dict, hook="os.system")
     with pytest.raises(CheckpointError, match="unknown entries \\['hook'\\]"):
         load_segmenter(ckpt)
+
+
+def _flip_a_weight_byte(path: Path) -> None:
+    """Flip one bit in the middle of the largest tensor record of a torch.save zip (stored
+    uncompressed), the way a bad disk or copy would: the archive itself stays readable."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_saved_checkpoint_is_refused(tmp_path):
+    net = build_deeplab(SPEC).eval()
+    save_segmenter(tmp_path / "s.pt", net, SPEC)
+    _flip_a_weight_byte(tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match="does not match its digest") as err:
+        load_segmenter(tmp_path / "s.pt")
+    assert str(tmp_path / "s.pt") in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_nan_weights_are_refused(state_dict, tmp_path):
+    state = dict(state_dict)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    ckpt = write_checkpoint(tmp_path / "s.pt", SPEC, state)
+    with pytest.raises(CheckpointError, match=f"{re.escape(name)}.*NaN"):
+        load_segmenter(ckpt)
+
+
+def test_a_folder_or_fifo_is_not_reported_as_missing(tmp_path):
+    folder = tmp_path / "segmenter.pt"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="segmenter.pt is a folder"):
+        load_segmenter(folder)
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)  # opened, it would block for a writer
+    with pytest.raises(CheckpointError, match="fifo.pt is not a regular file"):
+        load_segmenter(fifo)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_segmenter(tmp_path / "missing.pt")
 
 
 def test_legit_checkpoint_round_trip_and_save_refuses_bad_specs(tmp_path):
@@ -260,7 +314,7 @@ def test_tampered_confounder_file_is_refused(case, tmp_path):
 
 
 def test_cam_file_with_an_object_array_or_unknown_array_is_refused(tmp_path):
-    keys, cam = np.array([0, 1], np.int16), np.zeros((2, 4, 4), np.float16)
+    keys, cam = np.array([1, 2], np.int16), np.zeros((2, 4, 4), np.float16)
     np.savez(tmp_path / "x.npz", keys=keys, cam=cam, high_res=np.array([None], dtype=object))
     with pytest.raises(MissingArtifactError, match="x.npz.*force=\\[make_cams\\]"):
         load_cam(tmp_path, "x")
@@ -280,6 +334,6 @@ def test_read_npz_refuses_a_bare_npy_and_names_the_file(tmp_path):
 def test_damaged_done_marker_means_not_done(tmp_path):
     sdir = StageDir(tmp_path, 0, "train_cam")
     sdir.path.mkdir(parents=True)
-    for text in ("{not json", "[1, 2]"):
-        sdir.done_file.write_text(text)
+    for text in ("{not json", "[1, 2]", "[" * 100_000, "\udcff"):
+        sdir.done_file.write_text(text, errors="surrogateescape")  # the last: not UTF-8
         assert sdir.read_done() is None and not sdir.is_done("abc")

@@ -2,8 +2,9 @@
 
 The readers call these at construction (``validate=True``) so that a wrong path or a broken file
 stops the run before any training, instead of surfacing as a worker crash or a silently wrong
-label. Checks are header-only for images (PIL reads the header at open; ``verify`` checks what
-it can without decoding); masks are decoded only when the labels are derived from them.
+label. Images are decoded once at setup (a truncated JPEG passes PIL's ``verify``, which reads
+no JPEG data), and the result cached with the labels; masks are decoded only when the labels
+are derived from them.
 """
 
 from __future__ import annotations
@@ -84,11 +85,17 @@ def check_files_exist(paths: Sequence[Path], ids: Sequence[str], what: str, sour
 
 
 def image_header_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header; raises DatasetError if PIL cannot identify or verify it."""
+    """(H, W) from the file header, once the whole file decodes; raises DatasetError naming the
+    file if PIL cannot identify, verify or decode it. `verify` checks PNG chunks but reads no
+    JPEG data, so a truncated JPEG would pass it: the pixels are decoded as well (JPEGs at 1/8
+    scale, which still reads every byte of the scan)."""
     try:
         with Image.open(path) as img:
             size = img.size
             img.verify()
+        with Image.open(path) as img:  # a verified image cannot be loaded: open it again
+            img.draft(None, (1, 1))  # a no-op for anything but JPEG
+            img.load()
     except _DECODE_ERRORS as e:
         raise DatasetError(
             f"image {path} is unreadable or corrupt ({type(e).__name__}: {e}). "

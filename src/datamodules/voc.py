@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -196,15 +197,68 @@ class SegmentationDataset(Dataset, ABC):
         return sample
 
 
+# An image id names files in flat folders ({id}.jpg, {id}.png): no folder, no extension.
+_PLAIN_ID = re.compile(r"[^/\\.\s\x00-\x1f]+")
+# deeplab-pytorch's pairs: /JPEGImages/{id}.jpg /SegmentationClassAug/{id}.png (leading / optional)
+_PAIR_IMAGE = re.compile(r"/?[^/\s]+/([^/\s]+)\.jpg")
+_PAIR_MASK = re.compile(r"/?[^/\s]+/([^/\s]+)\.png")
+_LIST_FIX = (
+    "list one image id per line (2007_000032), or deeplab-pytorch pairs "
+    "(/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png); ids name files in the "
+    "image and mask folders, without folders or extensions"
+)
+
+
+def _list_error(path: Path, line_no: int, problem: str, fix: str = _LIST_FIX) -> V.DatasetError:
+    return V.DatasetError(f"{path}, line {line_no}: {problem}. Fix: {fix}")
+
+
+def _line_id(tokens: list[str], path: Path, line_no: int) -> str:
+    if len(tokens) == 1:
+        image_id = tokens[0]
+    elif len(tokens) == 2:
+        image, mask = _PAIR_IMAGE.fullmatch(tokens[0]), _PAIR_MASK.fullmatch(tokens[1])
+        if image is None or mask is None or image[1] != mask[1]:
+            raise _list_error(
+                path, line_no, f"{' '.join(tokens)[:120]!r} is not an image/mask pair"
+            )
+        image_id = image[1]
+    else:
+        raise _list_error(path, line_no, f"{len(tokens)} fields, expected an id or a pair")
+    # Taken as written, never rewritten: `sub/x` or `x.v5` would otherwise silently become `x`.
+    if not _PLAIN_ID.fullmatch(image_id):
+        raise _list_error(path, line_no, f"{image_id[:120]!r} is not a plain image id")
+    return image_id
+
+
 def parse_id_list(path: Path) -> list[str]:
     """Ids from a VOC list file: bare ids (``2007_000032``) or deeplab-pytorch style pairs
-    (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``)."""
-    ids = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``). A line in neither
+    form, an id with a folder or an extension, a repeated id or a file that is not UTF-8 is a
+    DatasetError naming the file and the line."""
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise _list_error(
+                    path, line_no, f"not UTF-8 text ({err.reason})", "save the list as UTF-8"
+                ) from err
             tokens = line.split()
-            if tokens:
-                ids.append(Path(tokens[0]).stem)
+            if not tokens:
+                continue
+            image_id = _line_id(tokens, path, line_no)
+            if image_id in first_line:
+                raise _list_error(
+                    path,
+                    line_no,
+                    f"id {image_id!r} repeats line {first_line[image_id]} (it would count twice)",
+                    "list each image once",
+                )
+            first_line[image_id] = line_no
+            ids.append(image_id)
     return ids
 
 

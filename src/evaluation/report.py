@@ -129,8 +129,11 @@ def update_results(
         row.setdefault("seconds", {}).update(_jsonable(dict(times)))
     # Rounds in numeric order, whatever order stages finished in.
     results["rounds"] = dict(sorted(results["rounds"].items(), key=lambda kv: int(kv[0])))
+    # Rendered before anything is written: a value the table cannot show fails here, leaving
+    # results.json as it was rather than unreadable for every later run.
+    markdown = render_markdown(results)
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    atomic_write_text(run_dir / RESULTS_MD, render_markdown(results))
+    atomic_write_text(run_dir / RESULTS_MD, markdown)
     return results
 
 

@@ -35,7 +35,7 @@ from scipy import stats
 
 from src.evaluation.report import RESULTS_JSON
 from src.utils.io import atomic_write_text
-from src.utils.untrusted import Source, conforms, describe, parse_json
+from src.utils.untrusted import Source, conforms, describe, parse_json, read_text
 
 RUN_DIR_TXT = "run_dir.txt"  # written by every Hydra multirun job: the path of its run folder
 TABLE_MD = "table2.md"
@@ -113,10 +113,8 @@ def _fail(paths: Iterable[Path], problem: str, fix: str) -> Table2Error:
 
 def _run_dir_target(txt: Path) -> Path:
     """The results.json a sweep job's run_dir.txt points at (relative paths from its folder)."""
-    try:
-        text = txt.read_text().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise _fail([txt], f"unreadable ({err})", "re-run that sweep job") from err
+    # A regular file of one path: a device or FIFO under that name is refused, not read.
+    text = read_text(Source(txt, "re-run that sweep job", Table2Error), limit=1 << 16).strip()
     if not text or "\n" in text or "\0" in text:
         raise _fail([txt], "does not hold one path", "re-run that sweep job")
     target = txt.parent / text  # an absolute `text` replaces the folder
@@ -133,7 +131,9 @@ def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
     """The results.json of every run under `dirs`: a run folder (results.json), a sweep job
     folder (run_dir.txt), or any folder searched for both. The same file reached twice (a sweep
     and its run folders) counts once; a folder with no run is an error, not an empty table."""
-    found: dict[Path, None] = {}  # resolved path -> None: an ordered set
+    # resolved path -> the path it was found as (an ordered set; errors name the found path,
+    # not what a link resolves to)
+    found: dict[Path, Path] = {}
     for d in map(Path, dirs):
         if not d.is_dir():
             raise _fail([d], "is not a folder", "pass run folders or sweep folders")
@@ -141,12 +141,13 @@ def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
         for root, subdirs, files in os.walk(d):
             here = Path(root)
             if RESULTS_JSON in files:
-                found[(here / RESULTS_JSON).resolve()] = None
+                path = here / RESULTS_JSON
             elif RUN_DIR_TXT in files:
-                found[_run_dir_target(here / RUN_DIR_TXT).resolve()] = None
+                path = _run_dir_target(here / RUN_DIR_TXT)
             else:
                 subdirs.sort()
                 continue
+            found.setdefault(path.resolve(), path)
             here_found += 1
             subdirs.clear()  # a run's or a job's folders hold no other run
         if not here_found:
@@ -156,7 +157,7 @@ def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
                 "pass a run folder (outputs/<experiment>/seed_<s>) or a sweep folder "
                 "(outputs/multirun/<name>) whose jobs have finished",
             )
-    return list(found)
+    return list(found.values())
 
 
 # ----------------------------------------------------------------------------- checking runs
@@ -190,8 +191,8 @@ def read_run(path: str | os.PathLike) -> Run | None:
     path = Path(path)
     src = Source(path, _FIX_RERUN, Table2Error)
     try:
-        obj = parse_json(path.read_text(), src, "the file")
-    except (OSError, UnicodeDecodeError, RecursionError) as err:
+        obj = parse_json(read_text(src), src, "the file")
+    except RecursionError as err:
         src.fail(f"unreadable ({type(err).__name__}: {err})", err)
     if type(obj) is not dict or type(obj.get("rounds")) is not dict:
         src.fail(f"not a {RESULTS_JSON} of this project (no 'rounds' object)")

@@ -9,8 +9,12 @@ prediction use the max only.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from src.utils.untrusted import (
     tensor_state_dict,
 )
 
+log = logging.getLogger(__name__)
 SEGMENTER_FORMAT = "wsss-segmenter/1"
 SPEC_SCHEMA = {
     "backbone": dict,  # checked against BACKBONES
@@ -290,8 +295,16 @@ class CheckpointError(UntrustedFileError):
     """A segmenter checkpoint that is missing, unreadable or does not fit the model it describes."""
 
 
-def _positive(values: Sequence[float]) -> bool:
-    return len(values) > 0 and all(math.isfinite(v) and v > 0 for v in values)
+def _positive(values: Sequence[float], most: float = math.inf, count: int = 16) -> bool:
+    """1..count finite numbers in (0, most]: a crafted spec must not size an allocation (MSC
+    scales of 1e6 asked for petabytes)."""
+    return 0 < len(values) <= count and all(math.isfinite(v) and 0 < v <= most for v in values)
+
+
+# Upper bounds far above any recipe (conf/segmenter: scales <= 1, rates <= 24, dilations <= 4).
+MAX_SCALE = 4.0
+MAX_RATE = 64
+MAX_DILATION = 16
 
 
 def check_spec(spec: Any, src: Source) -> dict[str, Any]:
@@ -314,16 +327,28 @@ def check_spec(spec: Any, src: Source) -> dict[str, Any]:
         "class_names": (len(spec["class_names"]) == n, f"{n} names (num_classes)"),
         "mean": (len(spec["mean"]) == 3 and all(map(math.isfinite, spec["mean"])), "3 numbers"),
         "std": (len(spec["std"]) == 3 and _positive(spec["std"]), "3 positive numbers"),
-        "scales": (_positive(spec["scales"]), "positive numbers"),
-        "rates": (_positive(spec["rates"]), "positive integers"),
+        "scales": (_positive(spec["scales"], MAX_SCALE), f"1..16 numbers in (0, {MAX_SCALE}]"),
+        "rates": (_positive(spec["rates"], MAX_RATE), f"1..16 integers in 1..{MAX_RATE}"),
     }
     for key, (ok, expected) in ranges.items():
         if not ok:
             src.fail(f"spec[{key!r}] is {spec[key]!r}, expected {expected}")
-    for key in ("strides", "dilations"):
-        if key in kwargs and not _positive(kwargs[key]):
-            src.fail(f"spec['backbone'][{key!r}] is {kwargs[key]!r}, expected positive integers")
+    bounds = {"strides": (2, "integers 1 or 2"), "dilations": (MAX_DILATION, "integers in 1..16")}
+    for key, (most, expected) in bounds.items():
+        if key in kwargs and not _positive(kwargs[key], most, count=4):
+            src.fail(f"spec['backbone'][{key!r}] is {kwargs[key]!r}, expected 4 {expected}")
     return spec
+
+
+def state_digest(state: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> str:
+    """sha256 of a checked spec and every tensor (name, dtype, shape, bytes): what a checkpoint
+    records so that a flipped byte is refused on load instead of predicting silently wrong."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_deeplab(spec: Mapping[str, Any], src: Source | None = None) -> DeepLabV2:
@@ -347,17 +372,24 @@ def save_segmenter(path: str | os.PathLike, net: DeepLabV2, spec: Mapping[str, A
     preprocess an image (backbone config, classes, normalisation, MSC scales)."""
     # What load_segmenter would refuse is refused now, not when a later run loads it.
     check_spec(dict(spec), Source(Path(path), "build the spec like segmenter_spec()", ValueError))
-    payload = {"format": SEGMENTER_FORMAT, "spec": dict(spec), "state_dict": net.state_dict()}
+    state = net.state_dict()
+    payload = {
+        "format": SEGMENTER_FORMAT,
+        "spec": dict(spec),
+        "state_dict": state,
+        "digest": state_digest(state, dict(spec)),
+    }
     atomic_torch_save(path, payload)
 
 
 def load_segmenter(path: str | os.PathLike) -> tuple[DeepLabV2, dict[str, Any]]:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"segmenter checkpoint {path} not found: point at round_<t>/train_segmenter/"
-            "segmenter.pt of a finished run"
-        )
+    where = "point at round_<t>/train_segmenter/segmenter.pt of a finished run"
+    if not path.exists():
+        raise CheckpointError(f"segmenter checkpoint {path} not found: {where}")
+    if not stat.S_ISREG(path.stat().st_mode):  # never opened: a FIFO would block, a device
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, device or socket)"
+        raise CheckpointError(f"segmenter checkpoint {path} is {kind}: {where}")
     src = Source(path, SEGMENTER_FIX, CheckpointError)
     payload = read_torch(src)
     if not isinstance(payload, dict) or payload.get("format") != SEGMENTER_FORMAT:
@@ -366,13 +398,21 @@ def load_segmenter(path: str | os.PathLike) -> tuple[DeepLabV2, dict[str, Any]]:
             "segmenter.pt written by the train_segmenter stage, not a Lightning .ckpt or a CAM/"
             "affinity weight file"
         )
-    unknown = sorted(map(str, set(payload) - {"format", "spec", "state_dict"}))
+    unknown = sorted(map(str, set(payload) - {"format", "spec", "state_dict", "digest"}))
     if unknown:
-        src.fail(f"unknown entries {unknown} (known: format, spec, state_dict)")
+        src.fail(f"unknown entries {unknown} (known: format, spec, state_dict, digest)")
     state = tensor_state_dict(payload.get("state_dict"), src, "the 'state_dict'")
     net = build_deeplab(payload.get("spec"), src)
+    recorded = payload.get("digest")
+    if recorded is None:  # written before checkpoints carried one: loads, unchecked
+        log.warning("%s carries no content digest (an older checkpoint): not checked", path)
+    elif recorded != state_digest(state, payload["spec"]):
+        src.fail("its content does not match its digest (the file was damaged or altered)")
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model it describes ({err})") from err
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        src.fail(f"weights {broken[:3]} hold NaN or inf (a diverged training)")
     return net.eval(), payload["spec"]

@@ -32,7 +32,7 @@ from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
 from src.pipeline.resources import folder_bytes, stage_resources
-from src.pipeline.reuse import StageRecord, reuse_stage
+from src.pipeline.reuse import StageRecord, remove_killed_copies, reuse_stage
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -47,7 +47,7 @@ from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages import STAGES
 from src.pipeline.stages.context import validate_conta
-from src.utils.io import atomic_write_json
+from src.utils.io import atomic_write_json, atomic_write_text
 from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
     def start_run() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # Temp file + rename: a config.yaml that is a link (or a hard-linked copy of another
+        # run's) is replaced, never written through.
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        # Whatever reuse_from says now: a copy killed by an earlier run is never kept.
+        remove_killed_copies(run_dir)
 
     run_on_rank_zero(start_run, "writing the run's config")
     fingerprints = _data_fingerprints(cfg, run_dir)
@@ -182,7 +186,7 @@ def _run_stage(
     if reason is None and sdir.is_done(digest):
         log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
         return False
-    if reason is None and cfg.get("reuse_from"):
+    if reason is None and cfg.get("reuse_from") and stage.reuse:
         run_on_rank_zero(lambda: _reuse(cfg, sdir, digest), f"reusing {sdir.path}")
         if sdir.is_done(digest):
             return False

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from src.pipeline.runtime import ranks_settle
+from src.utils.untrusted import describe
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,21 @@ class StageContext:
             log.warning("%s is not a complete checkpoint: training starts over", last)
             last.unlink()
             return None
-        ckpt = torch.load(last, map_location="cpu", mmap=True, weights_only=True)
-        self.resumed_from_step = int(ckpt.get("global_step", 0))
+        # Anything else it may be (another payload, a zip of other files, pickled objects that
+        # weights_only refuses) is handled alike: it would fail every rerun the same way.
+        try:
+            step = _checked_step(torch.load(last, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as err:  # any parse failure of the bytes on disk
+            log.warning(
+                "%s is not a checkpoint of this stage (%s: %s): it is removed and training "
+                "starts over",
+                last,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+            )
+            last.unlink()
+            return None
+        self.resumed_from_step = step
         log.info("%s: resuming from %s (step %d)", self.name, last, self.resumed_from_step)
         return str(last)
 
@@ -69,6 +83,23 @@ class StageContext:
             "resumed_from_step": self.resumed_from_step,
             "steps": int(trainer.global_step) - self.resumed_from_step,
         }
+
+
+def _checked_step(ckpt: object) -> int:
+    """The optimizer step of a Lightning checkpoint payload: a dict whose state_dict maps names
+    to tensors and whose global_step (default 0) is an int >= 0; else ValueError."""
+    # isinstance: Lightning's state_dict is an OrderedDict (weights_only builds nothing else)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"the payload is {describe(ckpt)}, not a dict")
+    state = ckpt.get("state_dict", {})
+    if not isinstance(state, dict) or not all(
+        type(k) is str and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError("its state_dict is not a dict of tensors")
+    step = ckpt.get("global_step", 0)
+    if type(step) is not int or step < 0:
+        raise ValueError(f"its global_step is {describe(step)}, not an int >= 0")
+    return step
 
 
 @dataclass
@@ -114,3 +145,6 @@ class Stage:
     # A training stage's global batch: its batch-size key, then its accumulation key if any.
     # The driver checks it divides over the ranks before the first stage runs.
     global_batch: tuple[str, ...] = ()
+    # False for a stage that only scores its inputs: with `reuse_from` it is computed from the
+    # (copied) artifacts, so a donor's scores are never taken on faith (src/pipeline/reuse.py).
+    reuse: bool = True

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import types
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -91,6 +93,41 @@ def check_fields(
     return obj
 
 
+# Far above any JSON or text file the project writes (a results.json is a few kB).
+MAX_TEXT_BYTES = 64 << 20
+
+
+def read_text(src: Source, limit: int | None = None) -> str:
+    """The UTF-8 text of `src.path` when it is a regular file (a link to one is fine) of at most
+    `limit` bytes (default MAX_TEXT_BYTES); else `src.fail`. A device (/dev/zero) or a FIFO named
+    like the file would otherwise be read without end or block forever, so neither is read."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
+    not_regular = "is not a regular file (a device, FIFO, socket or folder)"
+    try:
+        if not stat.S_ISREG(os.stat(src.path).st_mode):
+            src.fail(not_regular)
+        # O_NONBLOCK: a FIFO swapped in after the stat fails the fstat below instead of
+        # blocking the open until a writer comes.
+        fd = os.open(src.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                src.fail(not_regular)
+            if info.st_size > limit:
+                src.fail(f"is {info.st_size} bytes, more than the {limit} this file may hold")
+            data = f.read(limit + 1)
+    except OSError as err:
+        if isinstance(err, src.error):  # src.fail's own error, when it is an OSError
+            raise
+        src.fail(f"unreadable ({type(err).__name__}: {err})", err)
+    if len(data) > limit:  # grew after the fstat
+        src.fail(f"holds more than the {limit} bytes this file may hold")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        src.fail(f"is not UTF-8 text ({err})", err)
+
+
 def parse_json(text: str, src: Source, where: str) -> Any:
     try:
         return json.loads(text)
@@ -104,8 +141,11 @@ def read_json_object(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        obj = json.loads(read_text(Source(path, "none needed, it is redone")))
+    except UntrustedFileError as err:  # not a regular file by now, too big, not UTF-8
+        log.warning("ignoring %s", err)
+        return None
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than json's
         log.warning("ignoring %s, it is not valid JSON (%s)", path, err)
         return None
     if type(obj) is not dict:

@@ -59,12 +59,15 @@ def test_corrupt_image(make_voc):
         _voc(root)
 
 
-def test_truncated_image_fails_at_load_naming_the_file(make_voc):
+@pytest.mark.parametrize("cut", [2, 100, 3])  # keep 1/2, all but 100 bytes, all but 3
+def test_truncated_image_fails_at_setup_naming_the_file(make_voc, cut):
     root = make_voc()
     path = root / "JPEGImages" / "a1.jpg"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # header intact: passes the header-only check
-    ds = _voc(root)
+    path.write_bytes(data[: len(data) // 2] if cut == 2 else data[:-cut])  # header intact
+    with pytest.raises(DatasetError, match=re.escape(str(path)) + " is unreadable or corrupt"):
+        _voc(root)
+    ds = _voc(root, validate=False)  # unchecked, it still fails naming the file when read
     with pytest.raises(DatasetError, match=re.escape(str(path)) + " could not be decoded"):
         ds[0]
 
@@ -145,3 +148,43 @@ def test_missing_context_map(make_voc):
     (root / "ContextRegions").mkdir()
     with pytest.raises(DatasetError, match=r"3 id\(s\) .* have no context map"):
         _voc(root, context_dir="ContextRegions")
+
+
+@pytest.mark.parametrize(
+    "lines, line_no, problem",
+    [
+        (["a1", "a2", "a1"], 3, "id 'a1' repeats line 1.*Fix: list each image once"),
+        (["a1", "sub/a2"], 2, "'sub/a2' is not a plain image id.*Fix: list one image id"),
+        (["a1.v5", "a2"], 1, "'a1.v5' is not a plain image id"),
+        (["a1", "a2.jpg"], 2, "'a2.jpg' is not a plain image id"),
+        (["a1", ".."], 2, "'..' is not a plain image id"),
+        (["/JPEGImages/sub/a1.jpg /SegmentationClassAug/sub/a1.png"], 1, "not an image/mask"),
+        (["/JPEGImages/a1.jpg /SegmentationClassAug/a2.png"], 1, "not an image/mask pair"),
+        (["/JPEGImages/a1.v5.jpg /SegmentationClassAug/a1.v5.png"], 1, "not a plain image id"),
+        (["a1 a2 a3"], 1, "3 fields, expected an id or a pair"),
+    ],
+)
+def test_a_bad_list_line_names_the_file_and_the_line(make_voc, lines, line_no, problem):
+    root = make_voc()
+    (root / LIST).write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{root / LIST}, line {line_no}: ") + ".*" + problem
+    ):
+        _voc(root)
+
+
+def test_a_list_that_is_not_utf8_names_the_line(make_voc):
+    root = make_voc()
+    (root / LIST).write_bytes(b"a1\na2\xff\na3\n")
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{root / LIST}, line 2: not UTF-8") + ".*Fix"
+    ):
+        _voc(root)
+
+
+def test_both_list_formats_with_a_bom_and_blank_lines_are_read(make_voc):
+    root = make_voc()
+    (root / LIST).write_bytes(
+        "\ufeffa1\n\n  /JPEGImages/a2.jpg  SegmentationClass/a2.png\na3\n".encode()
+    )
+    assert _voc(root).ids == ["a1", "a2", "a3"]

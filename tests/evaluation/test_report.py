@@ -80,6 +80,17 @@ def test_failed_write_keeps_previous_file_and_no_temp(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
 
 
+def test_a_value_the_table_cannot_show_leaves_results_json_as_it_was(tmp_path):
+    """Rendered before written: a string score fails the update instead of landing in
+    results.json, where it made every later update (and rerun) of the run fail."""
+    _fill(tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match="format code"):
+        update_results(tmp_path, 1, "cam", {"miou": "0.99"})
+    assert (tmp_path / "results.json").read_text() == before
+    update_results(tmp_path, 1, "pseudo", {"miou": 0.5})  # the run stays usable
+
+
 def test_nan_becomes_null_and_bad_files_raise(tmp_path):
     update_results(tmp_path, 0, "pseudo", {"miou": float("nan"), "extra": np.float32(0.5)})
     row = json.loads((tmp_path / "results.json").read_text())["rounds"]["0"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,50 @@ def test_a_conta_row_names_the_context_module_it_ran(tmp_path):
     mixed += gather_runs([tmp_path / "calibrated" / "on_1"])
     with pytest.raises(Table2Error, match="different context modules"):
         build_table(mixed)
+
+
+def _limit_memory():
+    """Before the fix a /dev/zero results.json was read until memory ran out: cap the child."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+
+@pytest.mark.parametrize("name", ["results.json", "run_dir.txt"])
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_a_device_or_fifo_named_as_a_run_file_is_a_one_line_error(tmp_path, name, kind):
+    folder = tmp_path / "sweep" / "0"
+    folder.mkdir(parents=True)
+    path = folder / name
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer ever comes: reading it would block forever
+    else:
+        path.symlink_to(kind)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "report.py"), str(tmp_path / "sweep")],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+            preexec_fn=_limit_memory,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"report.py hung on a {kind} named {name}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], lines
+    assert "is not a regular file" in lines[0] and "Fix:" in lines[0]
+
+
+def test_an_oversized_or_non_utf8_results_json_names_the_file(tmp_path, monkeypatch):
+    from src.utils import untrusted
+
+    path = tmp_path / "results.json"
+    path.write_bytes(b'{"rounds": {}, "x": "\xff"}')
+    with pytest.raises(Table2Error, match="is not UTF-8"):
+        gather_runs([tmp_path])
+    monkeypatch.setattr(untrusted, "MAX_TEXT_BYTES", 8)
+    path.write_text('{"rounds": {}}')
+    with pytest.raises(Table2Error, match=r"results.json: is 14 bytes, more than the 8"):
+        gather_runs([tmp_path])

@@ -52,3 +52,54 @@ def test_a_file_that_is_no_cam_of_either_store_is_refused(tmp_path, bad):
     atomic_save_npz(tmp_path / "x.npz", compress=True, **arrays)
     with pytest.raises(MissingArtifactError, match=r"x\.npz.*not a uint8 CAM.*force=\[make_cams\]"):
         load_cam(tmp_path, "x")
+
+
+def _bad_keys(keys):
+    def change(arrays):
+        arrays["keys"] = np.array(keys, np.int16)
+
+    return change
+
+
+def _float_map(value):
+    def change(arrays):
+        arrays["high_res"] = arrays["high_res"].astype(np.float16)
+        arrays["high_res"][1, 3, 4] = value
+
+    return change
+
+
+def _planes(n):
+    def change(arrays):
+        arrays["cam"] = arrays["cam"][:n]
+
+    return change
+
+
+BAD_CAMS = {
+    "repeated keys": (_bad_keys([3, 3]), r"keys \[3, 3\] repeat a class"),
+    "a 0 key": (_bad_keys([0, 3]), r"keys \[0, 3\] must be 1-based object class ids"),
+    "a key past 254": (
+        _bad_keys([1, 255]),
+        r"keys \[1, 255\] must be 1-based object class ids in 1..254",
+    ),
+    "keys as a matrix": (_bad_keys([[1, 3]]), r"array 'keys' has shape \(1, 2\)"),
+    "a float above 1": (_float_map(7.5), r"array 'high_res' spans \[0, 7.5\], expected \[0, 1\]"),
+    "a negative float": (_float_map(-2.0), r"array 'high_res' spans \[-2, 1\]"),
+    "NaN": (_float_map(np.nan), r"array 'high_res' contains NaN or inf"),
+    "inf": (_float_map(np.inf), r"array 'high_res' contains NaN or inf"),
+    "a plane missing": (_planes(1), r"array 'cam' has shape \(1, 10, 11\), expected \(2, H, W\)"),
+}
+
+
+@pytest.mark.parametrize("change, problem", list(BAD_CAMS.values()), ids=list(BAD_CAMS))
+def test_a_cam_file_make_cams_could_not_have_written_is_refused_naming_it(
+    tmp_path, change, problem
+):
+    arrays = cam_encoder("float16")(_maps())
+    change(arrays)
+    atomic_save_npz(tmp_path / "x.npz", **arrays)
+    with pytest.raises(MissingArtifactError, match=rf"x\.npz: {problem}.*force=\[make_cams\]"):
+        load_cam(tmp_path, "x")
+    with pytest.raises(ValueError):  # what the readers' own NaN checks raised
+        load_cam(tmp_path, "x")

@@ -146,3 +146,36 @@ def test_negative_round_is_rejected(tiny_cfg):
         tiny_cfg.round = -1
     with pytest.raises(driver.PipelineError, match="round=-1"):
         driver.run_pipeline(tiny_cfg)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_config_yaml_is_replaced_not_written_through_a_link(tiny_cfg, tmp_path, monkeypatch):
+    """A config.yaml that is a symlink (or a hard link shared with another run) is replaced by
+    the run's own file; the file it pointed at stays as it was."""
+    run_dir = Path(tiny_cfg.paths.run_dir)
+    run_dir.mkdir(parents=True)
+    outside, shared = tmp_path / "outside.yaml", tmp_path / "shared.yaml"
+    outside.write_text("not the run's\n")
+    shared.write_text("another run's config\n")
+    (run_dir / "config.yaml").symlink_to(outside)
+    monkeypatch.setattr(driver, "check_before_work", lambda cfg: None)
+
+    def stop(cfg, run_dir):
+        raise _Stop  # the config is written; nothing else is needed
+
+    monkeypatch.setattr(driver, "_data_fingerprints", stop)
+    with pytest.raises(_Stop):
+        driver.run_pipeline(tiny_cfg)
+    config = run_dir / "config.yaml"
+    assert not config.is_symlink() and "experiment_name" in config.read_text()
+    assert outside.read_text() == "not the run's\n"
+
+    config.unlink()
+    config.hardlink_to(shared)
+    with pytest.raises(_Stop):
+        driver.run_pipeline(tiny_cfg)
+    assert shared.read_text() == "another run's config\n"
+    assert config.stat().st_nlink == 1

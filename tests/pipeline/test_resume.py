@@ -9,6 +9,7 @@ checkpoint callback, a truncated checkpoint) without a subprocess.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -248,6 +250,47 @@ def test_truncated_checkpoint_is_not_resumed_from(tmp_path, caplog):
     assert "not a complete checkpoint" in caplog.text
 
 
+def _bad_archive(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:  # a complete zip, but not torch.save's layout
+        z.writestr("archive/readme.txt", "not a checkpoint")
+
+
+def _saved(obj) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        path.write_bytes(buf.getvalue())
+
+    return write
+
+
+DAMAGED_CHECKPOINTS = {
+    "a list payload": _saved([1, 2, 3]),
+    "a tensor payload": _saved(torch.ones(3)),
+    "another zip": _bad_archive,
+    "a pickled global": _saved({"global_step": 7, "when": datetime.date(2020, 1, 1)}),
+    "a string step": _saved({"global_step": "7", "state_dict": {}}),
+    "a negative step": _saved({"global_step": -1, "state_dict": {}}),
+    "a state dict of strings": _saved({"global_step": 7, "state_dict": {"w": "x"}}),
+}
+
+
+@pytest.mark.parametrize("write", list(DAMAGED_CHECKPOINTS.values()), ids=list(DAMAGED_CHECKPOINTS))
+def test_a_damaged_checkpoint_is_removed_and_training_starts_over(tmp_path, caplog, write):
+    ctx = StageContext(cfg=OmegaConf.create({}), round=0, name="s", dir=tmp_path, inputs={}, seed=0)
+    last = tmp_path / "checkpoints/last.ckpt"
+    last.parent.mkdir()
+    write(last)
+    with caplog.at_level(logging.WARNING):
+        assert ctx.checkpoint_to_resume() is None
+    assert ctx.resumed_from_step == 0 and not last.exists()
+    assert f"{last} is not a checkpoint of this stage" in caplog.text
+    assert "training starts over" in caplog.text
+    assert ctx.checkpoint_to_resume() is None  # and the next rerun has nothing to trip on
+
+
 @pytest.mark.parametrize("steps", [0, 5])
 def test_training_resume_metrics(tmp_path, steps):
     ctx = StageContext(cfg=OmegaConf.create({}), round=0, name="s", dir=tmp_path, inputs={}, seed=0)
@@ -300,3 +343,16 @@ def test_sigkill_mid_segmenter_training_then_resume_equals_an_uninterrupted_run(
     b = torch.load(reference / SEGMENTER_STAGE / "segmenter.pt", weights_only=True)["state_dict"]
     unequal = [k for k in b if not torch.equal(a[k], b[k])]
     assert not unequal, f"{len(unequal)} of {len(b)} tensors differ, e.g. {unequal[:3]}"
+
+
+def test_a_lightning_checkpoint_with_an_ordered_state_dict_is_resumed_from(tmp_path):
+    """What Lightning writes: the state_dict is an OrderedDict (a first version of the damage
+    check took it for damage and made every killed training start over)."""
+    from collections import OrderedDict
+
+    ctx = StageContext(cfg=OmegaConf.create({}), round=0, name="s", dir=tmp_path, inputs={}, seed=0)
+    last = tmp_path / "checkpoints/last.ckpt"
+    last.parent.mkdir()
+    state = OrderedDict(w=torch.ones(3))
+    _saved({"epoch": 0, "global_step": 3, "state_dict": state, "loops": {}})(last)
+    assert ctx.checkpoint_to_resume() == str(last) and ctx.resumed_from_step == 3

@@ -145,6 +145,7 @@ STAGES: dict[str, Stage] = {
             eval_cams,
             (*_EVAL_IMAGES, "data.class_names", "cam.eval", "figure_images"),
             inputs=("cams",),
+            reuse=False,  # scores only: recomputed, never copied
         ),
         Stage(
             "make_ir_labels",
@@ -174,6 +175,7 @@ STAGES: dict[str, Stage] = {
             (*_EVAL_IMAGES, "data.class_names", "figure_images"),
             inputs=("pseudo_masks",),
             optional_inputs=("affinity_labels",),  # IRNet/PSA: their labels are scored too
+            reuse=False,  # scores only: recomputed, never copied
         ),
         Stage(
             "train_segmenter",
@@ -201,6 +203,7 @@ STAGES: dict[str, Stage] = {
             eval_segmenter,
             (*_VAL_IMAGES, "data.class_names", "figure_images"),
             inputs=("segmentation",),
+            reuse=False,  # scores only: recomputed, never copied
         ),
         Stage(
             "crf_segmenter",

@@ -55,6 +55,8 @@ CAM_MAPS = ("cam", "high_res")  # values in [0, 1] (max-normalised), stored per 
 # on that grid (the eval sweep, IRNet's 0.05 / 0.30) splits the stored maps
 # exactly as it splits the computed ones; a value is stored at its bin's centre (error <= 0.0025).
 CAM_LEVELS = 200
+MAX_CLASS_KEY = 254  # keys become uint8 label ids; 255 is the ignore index
+_RANGE_SLACK = 1e-3  # max-normalised maps: 1 up to float rounding
 CAM_STORES = ("uint8", "float16")
 
 
@@ -296,8 +298,36 @@ def load_cam(cam_dir: Path, image_id: str) -> dict[str, np.ndarray]:
             f"CAM file {path} for image {image_id!r} is missing: the make_cams stage did not cover "
             f"this id (was data.eval_split changed?). Re-run with force=[make_cams]."
         )
-    src = Source(path, "delete it and re-run make_cams (force=[make_cams])", MissingArtifactError)
-    return decode_cam(read_npz(src, CAM_ARRAYS), src)
+    src = Source(path, "delete it and re-run make_cams (force=[make_cams])", CamFileError)
+    return checked_cam(decode_cam(read_npz(src, CAM_ARRAYS), src), src)
+
+
+class CamFileError(MissingArtifactError, ValueError):
+    """A CAM file that is not what make_cams writes (a MissingArtifactError, as a missing one
+    is; a ValueError, as the NaN checks of its readers were)."""
+
+
+def checked_cam(cam: dict[str, np.ndarray], src: Source) -> dict[str, np.ndarray]:
+    """A decoded CAM file as make_cams writes it, else `src.fail` naming the file: keys are
+    distinct 1-based object class ids, and each map is one finite plane in [0, 1] per key."""
+    keys = cam["keys"]
+    if keys.ndim != 1:
+        src.fail(f"array 'keys' has shape {keys.shape}, expected one class id per map")
+    shown = keys[:20].tolist()
+    if keys.size and (keys.min() < 1 or keys.max() > MAX_CLASS_KEY):
+        src.fail(f"keys {shown} must be 1-based object class ids in 1..{MAX_CLASS_KEY}")
+    if np.unique(keys).size != keys.size:
+        src.fail(f"keys {shown} repeat a class")
+    for name in CAM_MAPS:
+        maps = cam[name]
+        if maps.ndim != 3 or maps.shape[0] != keys.size:
+            src.fail(f"array {name!r} has shape {maps.shape}, expected ({keys.size}, H, W)")
+        if not np.isfinite(maps).all():
+            src.fail(f"array {name!r} contains NaN or inf")
+        if maps.size and (maps.min() < 0 or maps.max() > 1 + _RANGE_SLACK):
+            low, high = float(maps.min()), float(maps.max())
+            src.fail(f"array {name!r} spans [{low:.4g}, {high:.4g}], expected [0, 1]")
+    return cam
 
 
 def checked_high_res(cam: dict, image_id: str, cam_dir: Path, size: tuple[int, int]) -> np.ndarray:
