@@ -64,7 +64,7 @@ class StageDir:
     ):
         """`results`: the stage's results.json record (prefix, values, nested), kept so that
         another run can reuse this stage (src/pipeline/reuse.py); `resources`: its peak memory
-        and bytes written (src/pipeline/resources.py)."""
+        (src/pipeline/resources.py)."""
         atomic_write_json(
             self.done_file,
             {

@@ -31,7 +31,7 @@ from src.pipeline.checks import check_before_work
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
-from src.pipeline.resources import folder_bytes, stage_resources
+from src.pipeline.resources import stage_resources
 from src.pipeline.reuse import StageRecord, remove_killed_copies, reuse_stage
 from src.pipeline.runtime import (
     barrier,
@@ -237,7 +237,7 @@ def _run_stage(
             artifacts=result.artifacts,
             config=picked,
             results=row.to_json(),
-            resources={**usage, "bytes": folder_bytes(sdir.path)},
+            resources=usage,
         )
         (sdir.path / RUNNING_FILE).unlink(missing_ok=True)
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.datamodules import build_dataset
 from src.pipeline.artifacts import StageDir
 from src.pipeline.hashing import DATA_PREFIX
-from src.pipeline.plan import Plan
+from src.pipeline.plan import PipelineError, Plan
 from src.pipeline.projection import projected_hours
 from src.pipeline.runtime import configured_world_size, is_global_zero
 from src.utils.io import atomic_write_json, atomic_write_text
@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 PREFLIGHT_LAST_ROUND = 1  # the baseline round and one CONTA round
 # The budget key of each training group: epochs or optimizer steps.
-BUDGETS = {"cam": "max_epochs", "affinity": "max_epochs", "segmenter": "max_steps"}
-BUDGETS["seeded"] = "max_steps"
+BUDGETS = {
+    "cam": "max_epochs",
+    "affinity": "max_epochs",
+    "segmenter": "max_steps",
+    "seeded": "max_steps",
+}
 # Stages that score a subset of their split (segmenter.crf_images: COCO's CRF on 5,000 images).
 SUBSETS = {"crf_segmenter": "segmenter.crf_images"}
 REPORT_FILE = "preflight.md"
@@ -51,7 +55,7 @@ def preflight_config(cfg: DictConfig, plan: Plan) -> DictConfig:
     pf = cfg.preflight
     images, batch, steps = int(pf.images), int(pf.batch_size), int(pf.steps)
     if min(images, batch, steps) < 1 or batch > images:
-        raise ValueError(
+        raise PipelineError(
             f"preflight.images={images}, batch_size={batch}, steps={steps}: all must be >= 1 and "
             "batch_size <= images"
         )
@@ -121,7 +125,7 @@ def _units(cfg: DictConfig, stage, sizes: dict[str, int]) -> int:
         cfg.data[k[len(DATA_PREFIX) :]] for k in stage.config_keys if k.startswith(DATA_PREFIX)
     }
     n = sum(sizes[s] for s in splits)
-    subset = OmegaConf.select(cfg, SUBSETS.get(stage.name, "__none__"))
+    subset = OmegaConf.select(cfg, SUBSETS[stage.name]) if stage.name in SUBSETS else None
     return min(n, int(subset)) if subset is not None else n
 
 

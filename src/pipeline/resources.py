@@ -1,4 +1,4 @@
-"""What a stage cost besides its seconds: peak memory and bytes written (kept in DONE.json).
+"""What a stage cost besides its seconds: its peak memory (kept in DONE.json's `resources`).
 
 * Peak RSS of this process during the stage: Linux's high-water mark (VmHWM), reset when the
   stage starts by writing 5 to /proc/self/clear_refs. Where that is refused, the process's
@@ -6,7 +6,6 @@
 * Peak RSS of the largest child process reaped so far (CRF pools, loader workers): getrusage's
   RUSAGE_CHILDREN, a lifetime maximum, so it can include an earlier stage's children.
 * GPU: torch's max allocated bytes on the current device during the stage, where there is one.
-* Bytes: every file under the stage's folder when it finishes.
 """
 
 from __future__ import annotations
@@ -54,7 +53,3 @@ def stage_resources() -> Iterator[dict]:
     usage["children_peak_rss_mb"] = round(children, 1)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         usage["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / _MB, 1)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())

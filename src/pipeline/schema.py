@@ -40,26 +40,26 @@ class CamEval:
 
 
 @dataclass
-class Cam:
+class CropTraining:
+    """A stage trained on random crops (the classifier, the affinity net)."""
+
     batch_size: int = 1
     max_epochs: int = 1
     crop_size: int = 1
     resize_long: Optional[list[int]] = field(default=None, metadata=PAIR)  # noqa: UP045
     scale_range: Optional[list[float]] = field(default=None, metadata=PAIR)  # noqa: UP045
     color_jitter: Optional[list[float]] = field(default=None, metadata=JITTER)  # noqa: UP045
+
+
+@dataclass
+class Cam(CropTraining):
     inference: CamInference = field(default_factory=CamInference)
     eval: CamEval = field(default_factory=CamEval)
 
 
 @dataclass
-class Affinity:
-    crop_size: int = 1
-    batch_size: int = 1
-    max_epochs: int = 1
+class Affinity(CropTraining):
     inference_batch_size: int = 1
-    resize_long: Optional[list[int]] = field(default=None, metadata=PAIR)  # noqa: UP045
-    scale_range: Optional[list[float]] = field(default=None, metadata=PAIR)  # noqa: UP045
-    color_jitter: Optional[list[float]] = field(default=None, metadata=JITTER)  # noqa: UP045
 
 
 @dataclass
