@@ -40,8 +40,8 @@ from src.pipeline.stages.context import (
     context_wrapper,
     previous_confounders,
 )
-from src.utils.io import atomic_torch_save
-from src.utils.untrusted import Source, read_npz, read_state_dict
+from src.utils.untrusted import Source, UntrustedFileError, read_npz
+from src.utils.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
     from src.models.context import Confounders
@@ -101,10 +101,19 @@ def decode_cam(arrays: dict[str, np.ndarray], src: Source | None = None) -> dict
     return out
 
 
+class WeightsFileError(MissingArtifactError, UntrustedFileError):
+    """A stage's weight file that is damaged or not what the stage writes (a user error: the
+    fix is to redo that stage)."""
+
+
 def read_weights(path: Path, stage: str) -> dict[str, torch.Tensor]:
-    """A weight file of this project (flat str -> tensor); else MissingArtifactError."""
-    fix = f"delete it and re-run the {stage} stage (force=[{stage}])"
-    return read_state_dict(Source(path, fix, MissingArtifactError))
+    """The weights `stage` saved (src/utils/weights.py: digest checked); else WeightsFileError
+    naming the file and the stage to redo."""
+    fix = (
+        f"delete it and re-run the {stage} stage: force=[{stage}] (or delete its folder "
+        f"{path.parent})"
+    )
+    return load_weights(Source(path, fix, WeightsFileError))
 
 
 def build_cam_classifier(
@@ -181,7 +190,7 @@ def train_cam(ctx: StageContext) -> StageResult:
         module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
     if trainer.is_global_zero:
-        atomic_torch_save(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
+        save_weights(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)
