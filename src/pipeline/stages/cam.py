@@ -197,15 +197,30 @@ def train_cam(ctx: StageContext) -> StageResult:
     metrics.update(batch_metrics(trainer, share))
     if confounders is None or not trainer.is_global_zero:
         return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
+    result = StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
+    return _with_diagnostics(result, module, confounders, ctx)
+
+
+def _with_diagnostics(
+    result: StageResult, module: CAMClassifier, confounders: Confounders, ctx: StageContext
+) -> StageResult:
+    """`result` with the diagnostics of M (a CONTA round's) as its record and metrics."""
     diagnostics = context_diagnostics(module, confounders, ctx)
-    metrics.update({f"context/{k}": v for k, v in diagnostics.items()})
-    return StageResult(
-        metrics=metrics,
-        artifacts=[WEIGHTS_FILE],
-        results=diagnostics,
-        prefix="context",
-        nested=True,
-    )
+    result.metrics.update({f"context/{k}": v for k, v in diagnostics.items()})
+    result.results, result.prefix, result.nested = diagnostics, "context", True
+    return result
+
+
+def rescore_classifier(ctx: StageContext) -> StageResult:
+    """train_cam's record recomputed from its weights (a copy's, with `reuse_from`): in a CONTA
+    round, the diagnostics of M, so a donor's are never taken on faith; none in round 0."""
+    result = StageResult(metrics={}, artifacts=[WEIGHTS_FILE])
+    confounders = previous_confounders(ctx)
+    if confounders is None or not is_global_zero():  # train_cam computes them on rank 0 too
+        return result
+    module = build_cam_classifier(ctx.cfg, confounders, seed=ctx.seed)
+    module.net.load_state_dict(read_weights(ctx.dir / WEIGHTS_FILE, "train_cam"))
+    return _with_diagnostics(result, module, confounders, ctx)
 
 
 def _load_previous_weights(module: CAMClassifier, weights: Path) -> None:
