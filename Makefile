@@ -86,8 +86,8 @@ bench-conta: install ## CONTA vs baseline: layout confounder, 5 seeds, rounds 0-
 bench-sets: install ## The segmenter recipe on generated sets it was not tuned on: supervised bound + weak round 0
 	$(PY) bench/off_home_sets.py --weak --jobs 2
 
-bench-faults: install ## Fault campaign: SIGKILL the default experiment 20 times, resume, compare every artifact with an uninterrupted run (long)
-	$(PY) bench/faults.py --kills 20 --seed 0
+bench-faults: install ## Fault campaign: SIGKILL the default experiment 20 times, resume, compare every artifact with an uninterrupted run (long; ARGS=--reuse: kills during reuse copies)
+	$(PY) bench/faults.py --kills 20 --seed 0 $(ARGS)
 
 # The four baselines with and without CONTA (T = 1), three seeds, two jobs at a time at one thread
 # each, no loader workers (as measured in the README); conta=off jobs come first, so each conta=on

@@ -1,7 +1,7 @@
 """Fault campaign: SIGKILL a run again and again, finish it, compare with an uninterrupted run.
 
     python bench/faults.py [--kills 20] [--seed 0] [--fast] [--experiment NAME]
-                           [--workdir DIR] [--keep] [key=value ...]
+                           [--reuse [--copy-pause S]] [--workdir DIR] [--keep] [key=value ...]
 
 Runs `python train.py` (the default experiment unless --experiment; --fast adds the tests' FAST
 overrides, a tiny set that runs in seconds) once uninterrupted in its own PROJECT_ROOT (the
@@ -20,6 +20,19 @@ started has no DONE.json), between stages (it had finished: results/DONE bookkee
 stage's folder, the final report) or startup (no stage started yet: imports, config, data check,
 skipping finished stages).
 
+--reuse: reuse in the loop. Each run names the other as its donor (`reuse_from=[<the other
+run's dir>]`; the reference runs first, so it has none), so the campaign copies every stage that
+may be copied from the finished reference (src/pipeline/reuse.py) and computes or rescores the
+rest, and every kill lands DURING a reuse copy: each targets one copied (round, stage); the
+attempt runs through bench/slow_reuse_train.py, which sleeps --copy-pause seconds before each
+file of a copy so that the copy's hidden `round_<t>/.reuse-*` folder stays long enough to be
+seen, and is SIGKILLed u * (its files x --copy-pause) seconds after that folder appears. A kill
+counts as landed during the copy when the folder, with the copy in it, is still there after the
+kill. The resumed run must equal the reference and leave no `.reuse-*` folder (one left is a
+difference). DONE.json's `reused_from` (which donor a copied stage came from) is dropped from the
+comparison and counted instead; both runs' roots are replaced by the placeholder in both runs'
+text (each one's config names the other's folder).
+
 Compared, reference vs campaign, every file under the run dir (each DONE.json's artifacts are
 among them and counted apart), except these, which record the attempts rather than the results:
   .hydra/, train.log   Hydra's record of each invocation and its job log (timestamps, appended
@@ -30,9 +43,11 @@ among them and counted apart), except these, which record the attempts rather th
   */RUNNING.json       the driver's in-progress marker: a kill between a stage's DONE.json and the
                        marker's removal leaves it in a finished stage, where DONE.json wins.
   results.md           rendered from results.json (compared) plus the wall-time columns.
-Wall-time fields (`seconds`, at any depth) are dropped from DONE.json and results.json, and so is
+Wall-time fields (`seconds`, at any depth) are dropped from DONE.json and results.json, and so are
 DONE.json's `metrics.resume` (what the last attempt of a stage reused or resumed from: it differs
-by design after a kill, and is reported instead: items reused, trainings resumed). The
+by design after a kill, and is reported instead: items reused, trainings resumed) and its
+`resources` (the peak memory of the process that ran the stage, a measurement of the attempt like
+its seconds: the children's peak is a lifetime maximum over whatever that process ran before). The
 PROJECT_ROOT path is replaced by a placeholder in text and in checkpoint strings (config.yaml and
 DONE.json configs hold resolved paths). How files are compared: .npz arrays and .pt/.ckpt tensors
 equal (numpy/torch, dtype and shape included; other values of a checkpoint compared as values),
@@ -73,6 +88,9 @@ EXCLUDED_NAMES = {"train.log", "results.md", "RUNNING.json"}
 EXCLUDED_DIRS = {".hydra", "logs"}
 TIME_KEYS = {"seconds"}
 ATTEMPT_KEY = "resume"  # DONE.json metrics: what this attempt reused (per-image) or resumed from
+DONOR_KEY = "reused_from"  # DONE.json of a stage copied from a reuse_from donor: its folder
+RESOURCES_KEY = "resources"  # DONE.json: the attempt's peak memory (src/pipeline/resources.py)
+REUSE_GLOB = ".reuse-*"  # a copy in progress (src/pipeline/reuse.py REUSE_PREFIX)
 
 
 def fast_overrides() -> list[str]:
@@ -93,13 +111,20 @@ def compose(overrides: list[str], root: Path):
     return cfg
 
 
-def start(root: Path, args: list[str], log: Path) -> subprocess.Popen:
+def start(
+    root: Path, args: list[str], log: Path, copy_pause: float | None = None
+) -> subprocess.Popen:
+    """train.py in `root`; `copy_pause`: through bench/slow_reuse_train.py (reuse copies slowed)."""
     # TMPDIR of its own (next to the root): Lightning stages checkpoints there (fsspec).
     env = {**os.environ, "PROJECT_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     env["TMPDIR"] = str(tmp_dir(root))
+    entry = ROOT / "train.py"
+    if copy_pause is not None:
+        entry = ROOT / "bench" / "slow_reuse_train.py"
+        env["FAULTS_COPY_PAUSE"] = str(copy_pause)
     out = log.open("w")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(entry), *args],
         cwd=ROOT,
         env=env,
         stdout=out,
@@ -120,9 +145,9 @@ def check_exit(proc: subprocess.Popen, log: Path) -> None:
         sys.exit(f"train.py failed (exit {proc.returncode}), log {log}:\n{tail}")
 
 
-def run_to_end(root: Path, args: list[str], log: Path) -> float:
+def run_to_end(root: Path, args: list[str], log: Path, copy_pause: float | None = None) -> float:
     start_t = time.perf_counter()
-    proc = start(root, args, log)
+    proc = start(root, args, log, copy_pause)
     proc.wait()
     check_exit(proc, log)
     return time.perf_counter() - start_t
@@ -136,7 +161,9 @@ class Kill:
     target: tuple[int, str]
     fraction: float
     delay: float = 0.0
-    landed: str = ""  # "mid-stage", "between stages", "startup", "not delivered"
+    # "mid-stage", "between stages", "startup", "not delivered"; --reuse: "during reuse copy"
+    # (the copy's hidden folder, the copy in it, was left by the kill) or "after reuse copy"
+    landed: str = ""
     stage: tuple[int, str] | None = None
     attempt_s: float = 0.0
 
@@ -171,6 +198,17 @@ def is_done(run_dir: Path, inst: tuple[int, str]) -> bool:
     return (run_dir / f"round_{inst[0]}" / inst[1] / "DONE.json").is_file()
 
 
+def copy_folders(run_dir: Path, inst: tuple[int, str]) -> list[Path]:
+    """The hidden folders of copies of this (round, stage) in progress (or killed)."""
+    return sorted((run_dir / f"round_{inst[0]}").glob(f".reuse-{inst[1]}-*"))
+
+
+def copied_files(stage_dir: Path) -> int:
+    """The files a reuse copy of this finished stage folder links (its markers are not)."""
+    markers = {"DONE.json", "RUNNING.json", "REUSED.json"}
+    return sum(1 for p in stage_dir.rglob("*") if p.is_file() and p.name not in markers)
+
+
 def plan_kills(timeline: list[tuple[int, str]], kills: int, seed: int) -> list[Kill]:
     """A seeded shuffle of every (round, stage), cycled to `kills` targets, in pipeline order."""
     rng = random.Random(seed)
@@ -192,7 +230,10 @@ def run_campaign(
     ref_seconds: dict[tuple[int, str], float],
     plan: list[Kill],
     logs: Path,
+    copy_pause: float | None = None,
 ) -> Campaign:
+    """`copy_pause` (--reuse): `ref_seconds` are the copy windows of the copied stages, each kill
+    is timed from the moment its target's copy folder appears."""
     campaign = Campaign()
     begin = time.perf_counter()
     for kill in plan:
@@ -207,11 +248,19 @@ def run_campaign(
         campaign.attempts += 1
         log = logs / f"attempt_{campaign.attempts:02d}.log"
         t0 = time.perf_counter()
-        proc = start(root, args, log)
+        # A copy folder an earlier kill left (removed when the attempt starts) is not this one's.
+        stale = set(copy_folders(run_dir, target))
+
+        def copying(target=target, stale=stale) -> list[Path]:
+            return [f for f in copy_folders(run_dir, target) if f not in stale]
+
+        proc = start(root, args, log, copy_pause)
         stage_log, kill_at = StageLog(log), None
         while proc.poll() is None:
             now = time.perf_counter()
-            if kill_at is None and target in stage_log.poll():
+            if kill_at is None and (
+                copying() if copy_pause is not None else target in stage_log.poll()
+            ):
                 kill_at = now + kill.delay
             if kill_at is not None and now >= kill_at:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -224,7 +273,11 @@ def run_campaign(
             kill.landed = "not delivered"  # the run finished before the moment came
             break
         started = stage_log.poll(final=True)
-        if not started:
+        if copy_pause is not None:
+            kill.stage = target
+            in_copy = any((f / "stage").is_dir() for f in copying())
+            kill.landed = "during reuse copy" if in_copy else "after reuse copy"
+        elif not started:
             kill.landed = "startup"
         else:
             kill.stage = started[-1]
@@ -233,7 +286,7 @@ def run_campaign(
         kill.landed = kill.landed or "not delivered"
     campaign.attempts += 1
     proc_log = logs / f"attempt_{campaign.attempts:02d}.log"
-    run_to_end(root, args, proc_log)
+    run_to_end(root, args, proc_log, copy_pause)
     campaign.wall_s = time.perf_counter() - begin
     return campaign
 
@@ -268,8 +321,12 @@ def _drop_times(obj):
     return obj
 
 
-def _norm_text(text: str, root: Path) -> str:
-    return text.replace(str(root.resolve()), PLACEHOLDER).replace(str(root), PLACEHOLDER)
+def _norm_text(text: str, roots: tuple[Path, ...]) -> str:
+    """Both runs' roots replaced by the placeholder (--reuse: each run's config names the
+    other's folder)."""
+    for root in roots:
+        text = text.replace(str(root.resolve()), PLACEHOLDER).replace(str(root), PLACEHOLDER)
+    return text
 
 
 def _values_diff(a, b, where: str, roots: tuple[Path, Path]) -> str | None:
@@ -314,7 +371,7 @@ def _values_diff(a, b, where: str, roots: tuple[Path, Path]) -> str | None:
                 return d
         return None
     if isinstance(a, str) and isinstance(b, str):
-        a, b = _norm_text(a, roots[0]), _norm_text(b, roots[1])
+        a, b = _norm_text(a, roots), _norm_text(b, roots)
     if type(a) is not type(b) or a != b:
         if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
             return None  # both NaN
@@ -346,14 +403,16 @@ def compare_file(rel: Path, ref_dir: Path, camp_dir: Path, roots: tuple[Path, Pa
     if suffix == ".png":
         return _values_diff(_load_png(a), _load_png(b), str(rel), roots)
     if suffix == ".json":
-        ja = json.loads(_norm_text(a.read_text(), roots[0]))
-        jb = json.loads(_norm_text(b.read_text(), roots[1]))
+        ja = json.loads(_norm_text(a.read_text(), roots))
+        jb = json.loads(_norm_text(b.read_text(), roots))
         if rel.name == "DONE.json":
             for done in (ja, jb):
                 done.get("metrics", {}).pop(ATTEMPT_KEY, None)
+                done.pop(DONOR_KEY, None)
+                done.pop(RESOURCES_KEY, None)
         return _values_diff(_drop_times(ja), _drop_times(jb), str(rel), roots)
     if suffix in (".yaml", ".yml", ".txt", ".csv", ".md"):
-        ta, tb = _norm_text(a.read_text(), roots[0]), _norm_text(b.read_text(), roots[1])
+        ta, tb = _norm_text(a.read_text(), roots), _norm_text(b.read_text(), roots)
         if ta == tb:
             return None
         la, lb = ta.splitlines(), tb.splitlines()
@@ -373,12 +432,16 @@ class Comparison:
     reused: int = 0  # per-image items an attempt found on disk and kept
     resumed: list[str] = field(default_factory=list)  # trainings that went on from last.ckpt
     tmp_left: list[Path] = field(default_factory=list)  # in the campaign's TMPDIR at the end
+    copied: int = 0  # stages the campaign copied from its donor (DONE.json reused_from)
+    copies_left: int = 0  # hidden .reuse-* folders left in the campaign's run (each a difference)
 
 
 def resumption(run_dir: Path, result: Comparison) -> None:
     """What the campaign's stages reused after the kills, from DONE.json's metrics.resume."""
     for done_file in sorted(run_dir.glob("round_*/*/DONE.json")):
-        resume = json.loads(done_file.read_text()).get("metrics", {}).get(ATTEMPT_KEY) or {}
+        done = json.loads(done_file.read_text())
+        result.copied += DONOR_KEY in done
+        resume = done.get("metrics", {}).get(ATTEMPT_KEY) or {}
         result.reused += int(resume.get("reused", 0))
         if resume.get("resumed_from_step", 0) > 0:
             where = f"{done_file.parent.parent.name} {done_file.parent.name}"
@@ -406,6 +469,9 @@ def compare_runs(ref_dir: Path, camp_dir: Path, roots: tuple[Path, Path]) -> Com
         if diff:
             result.differences.append(diff)
     resumption(camp_dir, result)
+    for left in sorted(camp_dir.glob(f"round_*/{REUSE_GLOB}")):  # empty ones included
+        result.copies_left += 1
+        result.differences.append(f"{left.relative_to(camp_dir)}: a reuse copy left behind")
     return result
 
 
@@ -429,8 +495,9 @@ def report(
     delivered = [k for k in kills if k.landed != "not delivered"]
     mid = [k for k in delivered if k.landed == "mid-stage"]
     stage_names = list(dict.fromkeys(s for _, s in timeline))
-    hist = Counter(k.stage[1] for k in mid)
-    rounds_of = {s: sorted({k.stage[0] for k in mid if k.stage[1] == s}) for s in hist}
+    in_copy = [k for k in delivered if k.landed == "during reuse copy"]
+    hist = Counter(k.stage[1] for k in mid + in_copy)
+    rounds_of = {s: sorted({k.stage[0] for k in mid + in_copy if k.stage[1] == s}) for s in hist}
     left = comparison.tmp_left
     mb = sum(p.stat().st_size for p in left) / 1e6
     summary = [
@@ -440,9 +507,16 @@ def report(
         ["landed mid-stage", str(len(mid))],
         ["landed between stages", str(sum(k.landed == "between stages" for k in delivered))],
         ["landed during startup", str(sum(k.landed == "startup" for k in delivered))],
+        [
+            "landed during a reuse copy",
+            str(sum(k.landed == "during reuse copy" for k in delivered)),
+        ],
+        ["landed after a reuse copy", str(sum(k.landed == "after reuse copy" for k in delivered))],
         ["attempts (kills + the finishing run)", str(campaign.attempts)],
         ["per-image outputs reused by a resumed stage", str(comparison.reused)],
         ["trainings resumed from last.ckpt", ", ".join(comparison.resumed) or "none"],
+        ["stages copied from the donor (reuse_from)", str(comparison.copied)],
+        [".reuse-* folders left in the campaign's run", str(comparison.copies_left)],
         [
             "files compared (DONE.json artifacts among them)",
             f"{comparison.files} ({comparison.artifacts})",
@@ -470,10 +544,12 @@ def report(
     ]
     text = (
         f"# Fault campaign (--kills {args.kills}, --seed {args.seed}"
-        f"{', --fast' if args.fast else ''})\n\n"
+        f"{', --fast' if args.fast else ''}"
+        f"{f', --reuse --copy-pause {args.copy_pause}' if args.reuse else ''})\n\n"
         + table(["", ""], summary)
-        + "\n\nKills that landed mid-stage, by stage (and the rounds they hit):\n\n"
-        + table(["stage", "mid-stage kills", "rounds"], hist_rows)
+        + "\n\nKills that landed mid-stage or during a reuse copy, by stage (and the rounds they "
+        "hit):\n\n"
+        + table(["stage", "kills", "rounds"], hist_rows)
         + "\n\nEvery kill:\n\n"
         + table(["#", "target", "delay s", "landed", "attempt s"], kill_rows)
         + "\n\nDifferences:\n\n"
@@ -493,6 +569,18 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="the tests' FAST overrides (tiny set)")
     parser.add_argument("--workdir", type=Path, help="folder for both roots (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse in the loop: the campaign copies stages from the reference (reuse_from), "
+        "every kill lands during a copy",
+    )
+    parser.add_argument(
+        "--copy-pause",
+        type=float,
+        default=0.05,
+        help="--reuse: seconds slept before each file of a copy (widens the copy window)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value for train.py")
     args = parser.parse_args()
     if args.kills < 1:
@@ -520,10 +608,14 @@ def main() -> None:
     for root in (ref_root, camp_root):
         shutil.copytree(work / "shared" / "data", root / "data", symlinks=True)
 
-    print(f"work folder {work}; reference run ...", flush=True)
-    ref_wall = run_to_end(ref_root, command, logs / "reference.log")
     ref_cfg, camp_cfg = compose(command, ref_root), compose(command, camp_root)
     ref_dir, camp_dir = Path(ref_cfg.paths.run_dir), Path(camp_cfg.paths.run_dir)
+    ref_command, camp_command = command, command
+    if args.reuse:  # each names the other as donor: config.yaml differs by the roots only
+        ref_command = [*command, f"reuse_from=['{camp_dir}']"]
+        camp_command = [*command, f"reuse_from=['{ref_dir}']"]
+    print(f"work folder {work}; reference run ...", flush=True)
+    ref_wall = run_to_end(ref_root, ref_command, logs / "reference.log")
     timeline = [(r, s) for r in range(ref_cfg.round + 1) for s in ref_cfg.stages]
     ref_seconds = {
         inst: json.loads((ref_dir / f"round_{inst[0]}" / inst[1] / "DONE.json").read_text())[
@@ -536,13 +628,25 @@ def main() -> None:
         f"{len(timeline)} stages); campaign of {args.kills} kills ...",
         flush=True,
     )
-    plan = plan_kills(timeline, args.kills, args.seed)
-    campaign = run_campaign(camp_root, command, camp_dir, timeline, ref_seconds, plan, logs)
+    copy_pause = args.copy_pause if args.reuse else None
+    targets, windows = timeline, ref_seconds
+    if args.reuse:  # the copied stages; each kill within its copy's window
+        from src.pipeline.stages import STAGES
+
+        targets = [inst for inst in timeline if STAGES[inst[1]].reuse]
+        windows = {
+            inst: args.copy_pause * copied_files(ref_dir / f"round_{inst[0]}" / inst[1])
+            for inst in targets
+        }
+    plan = plan_kills(targets, args.kills, args.seed)
+    campaign = run_campaign(
+        camp_root, camp_command, camp_dir, targets, windows, plan, logs, copy_pause
+    )
     campaign.kills = plan
     comparison = compare_runs(ref_dir, camp_dir, (ref_root, camp_root))
     comparison.tmp_left = [p for p in tmp_dir(camp_root).rglob("*") if p.is_file()]
 
-    text = report(args, command, timeline, campaign, comparison, ref_wall)
+    text = report(args, camp_command, timeline, campaign, comparison, ref_wall)
     print(text)
     out = OUTPUTS / "bench" / "faults.md"
     out.parent.mkdir(parents=True, exist_ok=True)

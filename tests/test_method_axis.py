@@ -4,7 +4,6 @@ hits (an unknown method, a stage list that leaves a role unproduced, another met
 from __future__ import annotations
 
 import pytest
-import torch
 from hydra.errors import HydraException
 
 from src.pipeline.artifacts import MissingArtifactError
@@ -12,6 +11,7 @@ from src.pipeline.driver import check_stages, run_identity
 from src.pipeline.hashing import plan_digests
 from src.pipeline.plan import PipelineError
 from src.pipeline.stages.cam import WEIGHTS_FILE, build_cam_classifier, load_cam_classifier
+from src.utils.weights import save_weights
 from tests.conftest import compose_cfg
 
 
@@ -64,7 +64,7 @@ def test_two_producers_of_one_role_are_refused():
 
 def test_a_seam_classifier_given_to_the_irnet_stages_names_the_config_and_the_fix(tmp_path):
     seam = build_cam_classifier(compose_cfg(["method=seam"]))
-    torch.save(seam.net.state_dict(), tmp_path / WEIGHTS_FILE)
+    save_weights(tmp_path / WEIGHTS_FILE, seam.net.state_dict())
     cfg = compose_cfg(["method=irnet"])
     with pytest.raises(
         MissingArtifactError,

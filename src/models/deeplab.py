@@ -9,7 +9,6 @@ prediction use the max only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from src.utils.untrusted import (
     read_torch,
     tensor_state_dict,
 )
+from src.utils.weights import tensor_digest
 
 log = logging.getLogger(__name__)
 SEGMENTER_FORMAT = "wsss-segmenter/1"
@@ -343,12 +343,7 @@ def check_spec(spec: Any, src: Source) -> dict[str, Any]:
 def state_digest(state: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> str:
     """sha256 of a checked spec and every tensor (name, dtype, shape, bytes): what a checkpoint
     records so that a flipped byte is refused on load instead of predicting silently wrong."""
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensor_digest(state, header=json.dumps(spec, sort_keys=True).encode())
 
 
 def build_deeplab(spec: Mapping[str, Any], src: Source | None = None) -> DeepLabV2:

@@ -16,6 +16,7 @@ from src.utils.io import atomic_write_json
 from src.utils.untrusted import read_json_object
 
 DONE_FILE = "DONE.json"
+RUNNING_FILE = "RUNNING.json"  # the driver's in-progress marker of an attempt at a stage
 
 
 def is_temp_file(path: Path) -> bool:

@@ -25,14 +25,20 @@ from src.evaluation.report import (
     update_results,
     write_markdown,
 )
-from src.pipeline.artifacts import StageDir
+from src.pipeline.artifacts import RUNNING_FILE, StageDir
 from src.pipeline.batching import check_global_batches
 from src.pipeline.checks import check_before_work
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
 from src.pipeline.resources import stage_resources
-from src.pipeline.reuse import StageRecord, remove_killed_copies, reuse_stage
+from src.pipeline.reuse import (
+    StageRecord,
+    finish_rescore,
+    pending_rescore,
+    remove_killed_copies,
+    reuse_stage,
+)
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -51,7 +57,6 @@ from src.utils.io import atomic_write_json, atomic_write_text
 from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)
-RUNNING_FILE = "RUNNING.json"
 FINGERPRINTS_FILE = "data_fingerprints.json"
 
 
@@ -181,14 +186,16 @@ def _run_stage(
     """Run `stage` unless its DONE.json matches `digest` (and no `reason` says otherwise);
     returns whether it ran."""
     sdir = StageDir(run_dir, round_idx, stage.name)
-    prev_inputs = plan.previous(stage) if round_idx > 0 else {}
     barrier()  # every rank decides skip-or-run on the same state of the disk
     if reason is None and sdir.is_done(digest):
         log.info("round %d: %s already done (%s), skipping", round_idx, stage.name, digest)
         return False
     if reason is None and cfg.get("reuse_from") and stage.reuse:
-        run_on_rank_zero(lambda: _reuse(cfg, sdir, digest), f"reusing {sdir.path}")
+        run_on_rank_zero(lambda: _reuse(cfg, sdir, digest, stage), f"reusing {sdir.path}")
         if sdir.is_done(digest):
+            return False
+        if stage.rescore is not None and pending_rescore(sdir, digest) is not None:
+            _rescore(cfg, run_dir, plan, stage, sdir, digest)
             return False
     if reason is None:
         _explain_redo(sdir, picked)
@@ -196,20 +203,8 @@ def _run_stage(
         log.info("round %d: redoing %s: %s", round_idx, stage.name, reason)
     barrier()
     run_on_rank_zero(lambda: _prepare_stage_dir(sdir, digest), f"preparing {sdir.path}")
-    start_ranks(cfg)
-    prepare_shards()
-    seed = stage_seed(cfg.seed, stage.name)
-    L.seed_everything(seed, workers=True, verbose=False)
-    ctx = StageContext(
-        cfg=cfg,
-        round=round_idx,
-        name=stage.name,
-        dir=sdir.path,
-        inputs={r: StageDir(run_dir, round_idx, n).path for r, n in plan.inputs(stage).items()},
-        seed=seed,
-        previous={r: StageDir(run_dir, round_idx - 1, n).path for r, n in prev_inputs.items()},
-    )
-    log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, seed)
+    ctx = _stage_context(cfg, run_dir, round_idx, plan, stage)
+    log.info("round %d: running %s (hash %s, seed %d)", round_idx, stage.name, digest, ctx.seed)
     start = time.perf_counter()
 
     def execute():
@@ -250,6 +245,51 @@ def _run_stage(
     return True
 
 
+def _stage_context(
+    cfg: DictConfig, run_dir: Path, round_idx: int, plan: Plan, stage: Stage
+) -> StageContext:
+    """Every rank started, shards ready, the stage's seed set: the context its function (or its
+    rescore) runs in."""
+    start_ranks(cfg)
+    prepare_shards()
+    seed = stage_seed(cfg.seed, stage.name)
+    L.seed_everything(seed, workers=True, verbose=False)
+    prev_inputs = plan.previous(stage) if round_idx > 0 else {}
+    return StageContext(
+        cfg=cfg,
+        round=round_idx,
+        name=stage.name,
+        dir=StageDir(run_dir, round_idx, stage.name).path,
+        inputs={r: StageDir(run_dir, round_idx, n).path for r, n in plan.inputs(stage).items()},
+        seed=seed,
+        previous={r: StageDir(run_dir, round_idx - 1, n).path for r, n in prev_inputs.items()},
+    )
+
+
+def _rescore(
+    cfg: DictConfig, run_dir: Path, plan: Plan, stage: Stage, sdir: StageDir, digest: str
+) -> None:
+    """A copied stage that records scores: recompute its record from the copied artifacts on
+    every rank (Stage.rescore), then write it into results.json and the copy's DONE.json, in that
+    order (a kill in between leaves a copy that is not done: it is copied or computed again)."""
+    round_idx = sdir.round
+    log.info("round %d: %s copied; recomputing its record from the copy", round_idx, stage.name)
+    ctx = _stage_context(cfg, run_dir, round_idx, plan, stage)
+    start = time.perf_counter()
+    result = stage.rescore(ctx)
+
+    def record() -> None:
+        held = pending_rescore(sdir, digest)
+        if held is None:
+            raise PipelineError(f"{sdir.path}: the copy lost its held-back marker while rescored")
+        row = StageRecord(result.prefix or stage.name, result.results or {}, result.nested)
+        seconds = time.perf_counter() - start
+        _record_results(cfg, run_dir, round_idx, stage.name, row, seconds)
+        finish_rescore(sdir, held, row, result.metrics)
+
+    run_on_rank_zero(record, f"round {round_idx}: {stage.name} (rescored copy)")
+
+
 def _record_results(
     cfg: DictConfig, run_dir: Path, round_idx: int, stage: str, row: StageRecord, seconds: float
 ) -> None:
@@ -266,12 +306,14 @@ def _record_results(
     )
 
 
-def _reuse(cfg: DictConfig, sdir: StageDir, digest: str) -> None:
+def _reuse(cfg: DictConfig, sdir: StageDir, digest: str, stage: Stage) -> None:
     """Copy the stage from a `reuse_from` run that finished it with the same hash, and add its
-    results to this run's results.json (its seconds: the copy's, not the donor's compute)."""
+    results to this run's results.json (its seconds: the copy's, not the donor's compute). A
+    stage with a rescore is left for _rescore, which computes its record from the copy."""
     start = time.perf_counter()
-    donor = reuse_stage(sdir, digest, [Path(p) for p in cfg.reuse_from])
-    if donor is None:
+    rescore = stage.rescore is not None
+    donor = reuse_stage(sdir, digest, [Path(p) for p in cfg.reuse_from], rescore=rescore)
+    if donor is None or rescore:
         return
     row = StageRecord.from_done(sdir.read_done() or {})
     if row is None:  # the copied marker is the donor's, checked before copying

@@ -12,8 +12,11 @@ hidden sibling folder and renamed into place, so an interrupted copy never leave
 counts as done (and a killed one is removed when the next run starts: remove_killed_copies).
 Stages that only score their inputs (Stage.reuse=False: eval_cams, eval_pseudo, eval_segmenter)
 are never copied: the driver computes them from the copied artifacts, so a donor's scores are not
-taken on faith. The records of the other stages (the CRF's score, CONTA's diagnostics) are
-checked for type and range only.
+taken on faith. Nor are the scores other stages record: a stage that records any (the CRF's
+`seg_crf`, train_cam's CONTA diagnostics) has a `Stage.rescore` that recomputes its record from
+its copied artifacts; its copy lands with the donor's marker held back as REUSED.json (it does
+not count as done) until the driver has recomputed the record and written DONE.json
+(finish_rescore). A donor whose record holds values for a stage without a rescore is not used.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.pipeline.artifacts import DONE_FILE, StageDir
+from src.pipeline.artifacts import DONE_FILE, RUNNING_FILE, StageDir
 from src.utils.io import atomic_write_json
-from src.utils.untrusted import describe
+from src.utils.untrusted import describe, read_json_object
 
 log = logging.getLogger(__name__)
 REUSE_PREFIX = ".reuse-"  # hidden copies in progress: round_<t>/.reuse-<stage>-<random>
+# A complete copy whose record is still to be recomputed (Stage.rescore): the donor's DONE.json,
+# held back under this name; the stage counts as done only once finish_rescore wrote DONE.json.
+REUSED_FILE = "REUSED.json"
 _FREE_MARGIN = 256 << 20  # a copy across file systems leaves at least this much free
 
 
@@ -195,12 +201,18 @@ def _only_regular_files(root: Path) -> bool:
     return True
 
 
+# Markers, not artifacts: DONE.json is written last (or held back, REUSED_FILE); a RUNNING.json
+# a donor kept (killed between its DONE.json and the marker's removal) would make an unfinished
+# copy look like an interrupted attempt to resume in place, writing through the hard links.
+_MARKERS = frozenset({Path(DONE_FILE), Path(REUSED_FILE), Path(RUNNING_FILE)})
+
+
 def _copy_files(donor: Path, dst: Path, listing: _Listing) -> None:
     dst.mkdir()
     for folder in listing.folders:
         (dst / folder).mkdir()
     for rel in listing.files:
-        if rel != Path(DONE_FILE):  # the marker last, once every artifact is in the copy
+        if rel not in _MARKERS:
             _link_or_copy(str(donor / rel), str(dst / rel))
 
 
@@ -229,9 +241,15 @@ def _donor_done(donor: StageDir, digest: str) -> dict | None:
     return done
 
 
-def reuse_stage(target: StageDir, digest: str, donors: Iterable[Path]) -> Path | None:
+def reuse_stage(
+    target: StageDir, digest: str, donors: Iterable[Path], rescore: bool = False
+) -> Path | None:
     """Copy the first donor run's finished stage with hash `digest` into `target`; returns the
     donor's stage folder, or None when no donor has it (the caller then computes the stage).
+
+    `rescore`: the stage recomputes its record from its artifacts (Stage.rescore): the copy
+    holds the donor's marker as REUSED.json, not DONE.json (see pending_rescore). Without it, a
+    donor whose record holds any value is passed over: its numbers could not be checked.
 
     Call on one process (rank 0). `target`'s current contents (an unfinished attempt) are
     replaced only once the copy is complete and still matches its donor."""
@@ -245,13 +263,41 @@ def reuse_stage(target: StageDir, digest: str, donors: Iterable[Path]) -> Path |
         if done is None:
             continue
         try:
-            StageRecord.parse(done)
+            record = StageRecord.parse(done)
         except RecordError as err:  # forged or damaged: never let it near results.json
             log.warning("not reusing %s: %s; computing the stage instead", donor.done_file, err)
             continue
-        if _copy_stage(donor, target, digest):
+        if record.values and not rescore:
+            log.warning(
+                "not reusing %s: its record holds values %s that this stage cannot recompute "
+                "from the copy; computing the stage instead",
+                donor.done_file,
+                sorted(record.values)[:5],
+            )
+            continue
+        if _copy_stage(donor, target, digest, REUSED_FILE if rescore else DONE_FILE):
             return donor.path
     return None
+
+
+def pending_rescore(target: StageDir, digest: str) -> dict | None:
+    """The donor's marker of a complete copy of `target` whose record is still to be recomputed
+    (reuse_stage with rescore), when it is for `digest` and no DONE.json is there; else None."""
+    if target.done_file.exists():
+        return None
+    held = read_json_object(target.path / REUSED_FILE)
+    if held is None or held.get("config_hash") != digest:
+        return None
+    return held
+
+
+def finish_rescore(target: StageDir, held: dict, row: StageRecord, metrics: dict) -> None:
+    """Mark a rescored copy done: the donor's marker with the recomputed record (and metrics)
+    in place of the donor's. The caller has written the row into results.json already."""
+    done = {**held, "metrics": {**(held.get("metrics") or {}), **metrics}}
+    done["results"] = row.to_json()
+    atomic_write_json(target.done_file, done)
+    (target.path / REUSED_FILE).unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:
@@ -279,7 +325,9 @@ def remove_killed_copies(run_dir: Path) -> int:
     return len(stale)
 
 
-def _copy_stage(donor: StageDir, target: StageDir, digest: str) -> bool:
+def _copy_stage(donor: StageDir, target: StageDir, digest: str, marker: str) -> bool:
+    """Copy `donor` into `target` through a hidden sibling folder; the donor's DONE.json lands
+    last, as `marker` (DONE.json, or REUSED_FILE for a record still to be recomputed)."""
     round_dir = target.path.parent
     round_dir.mkdir(parents=True, exist_ok=True)
     for stale in round_dir.glob(f"{REUSE_PREFIX}{target.stage}-*"):  # a killed earlier copy
@@ -305,7 +353,7 @@ def _copy_stage(donor: StageDir, target: StageDir, digest: str) -> bool:
             log.warning("not reusing %s: a file became a link while being copied", donor.path)
             return False
         done["reused_from"] = str(donor.path)
-        atomic_write_json(tmp / "stage" / DONE_FILE, done)
+        atomic_write_json(tmp / "stage" / marker, done)
         if target.path.exists():
             shutil.rmtree(target.path)
         os.replace(tmp / "stage", target.path)

@@ -148,3 +148,8 @@ class Stage:
     # False for a stage that only scores its inputs: with `reuse_from` it is computed from the
     # (copied) artifacts, so a donor's scores are never taken on faith (src/pipeline/reuse.py).
     reuse: bool = True
+    # For a reusable stage that records scores (results.json values): its record recomputed from
+    # its own finished artifacts (those of a copy), on every rank like the stage itself. With
+    # `reuse_from` the donor's record is replaced by it; a stage without one is copied only from
+    # a donor whose record holds no values (src/pipeline/reuse.py).
+    rescore: Callable[[StageContext], StageResult] | None = None

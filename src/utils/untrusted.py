@@ -175,10 +175,6 @@ def tensor_state_dict(obj: Any, src: Source, where: str = "the state dict") -> d
     return obj
 
 
-def read_state_dict(src: Source) -> dict[str, torch.Tensor]:
-    return tensor_state_dict(read_torch(src), src)
-
-
 # ------------------------------------------------------------------------------ npz files
 def read_npz(
     src: Source, kinds: Mapping[str, str], optional: Collection[str] = ()

@@ -18,6 +18,7 @@ from src.pipeline import driver
 from src.pipeline.artifacts import StageDir
 from src.pipeline.hashing import picked_config, stage_keys
 from src.pipeline.stages import STAGES
+from src.pipeline.stages.cam import read_weights
 from src.train import train
 from tests.conftest import FAST, compose_cfg
 from tests.pipeline.conftest import copy_run
@@ -33,7 +34,7 @@ def test_round_one_trains_the_classifier_with_the_round_zero_confounders(finishe
     np.testing.assert_allclose(conf["prior"], np.full(n_fg, 1 / n_fg), rtol=1e-6)
     # m for every train image (C) and every val image (the classifier's validation).
     assert len(conf["ids"]) == 24 + 8
-    state = __import__("torch").load(run_dir / "round_1/train_cam/cam_net.pt", weights_only=True)
+    state = torch_load(run_dir / "round_1/train_cam/cam_net.pt")
     hw = int(np.prod(cfg.conta.size))
     assert state["context.w1.weight"].shape == (hw, hw)  # calibrated: identity-initialised
     # M joins layer4's input (128 channels of the tiny ResNet) by default.
@@ -68,9 +69,8 @@ def test_round_one_trains_the_classifier_with_the_round_zero_confounders(finishe
 
 
 def torch_load(path):
-    import torch
-
-    return torch.load(path, weights_only=True)
+    """A stage's weight file, its digest checked (src/utils/weights.py)."""
+    return read_weights(Path(path), "train_cam")
 
 
 def test_rounds_above_zero_need_the_confounders_stage(tmp_path):

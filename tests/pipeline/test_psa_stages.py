@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from scipy.ndimage import uniform_filter
@@ -24,6 +23,7 @@ from src.pipeline.stages.psa import (
     make_psa_pseudo_masks,
     train_psa_affinity,
 )
+from src.utils.weights import save_weights
 from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
 
 FAST_PSA = [
@@ -70,7 +70,7 @@ def inputs(psa_cfg, tmp_path_factory):
     classifier.mkdir()
     backbone = instantiate(psa_cfg.backbone)  # the classifier's own layout (norm train)
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    torch.save(state, classifier / WEIGHTS_FILE)
+    save_weights(classifier / WEIGHTS_FILE, state)
     return {"cams": cam_dir.parent, "classifier": classifier}
 
 

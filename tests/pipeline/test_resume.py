@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from src.pipeline import driver
 from src.pipeline.artifacts import StageDir, missing_items, resume_counts
 from src.pipeline.stage import StageContext
+from src.pipeline.stages.cam import read_weights
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,8 +190,8 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, 
     weights = [a for a in want["artifacts"] if a.endswith(".pt")]
     assert weights
     for name in weights:
-        a = torch.load(stage / name, map_location="cpu", weights_only=True)
-        b = torch.load(reference / CAM_STAGE / name, map_location="cpu", weights_only=True)
+        a = read_weights(stage / name, "train_cam")  # their digests checked
+        b = read_weights(reference / CAM_STAGE / name, "train_cam")
         assert a.keys() == b.keys()
         unequal = [k for k in b if not torch.equal(a[k], b[k])]
         assert not unequal, f"{name}: {len(unequal)} of {len(b)} tensors differ, e.g. {unequal[:3]}"

@@ -15,7 +15,13 @@ from omegaconf import open_dict
 
 from src.pipeline import driver, reuse
 from src.pipeline.artifacts import StageDir
-from src.pipeline.reuse import REUSE_PREFIX, StageRecord, reuse_stage
+from src.pipeline.reuse import (
+    REUSE_PREFIX,
+    StageRecord,
+    finish_rescore,
+    pending_rescore,
+    reuse_stage,
+)
 from src.pipeline.stages import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
@@ -100,6 +106,44 @@ def test_a_donor_s_forged_score_never_reaches_the_results(finished_run, tmp_path
     assert results["rounds"]["0"]["cam_miou"] == donor_results["rounds"]["0"]["cam_miou"] != 0.99
 
 
+def _forge(run_dir: Path, round_idx: int, stage: str, key: str, value: float) -> None:
+    sdir = StageDir(run_dir, round_idx, stage)
+    done = sdir.read_done()
+    done["results"]["values"][key] = value
+    sdir.done_file.write_text(json.dumps(done))
+
+
+def test_a_donor_s_forged_crf_score_and_context_diagnostics_are_recomputed(
+    finished_run, tmp_path, monkeypatch
+):
+    """The stages that record scores and are copied (crf_segmenter's seg_crf, train_cam's CONTA
+    diagnostics of M): the recipient recomputes both from the copied masks and weights."""
+    donor_cfg_, donor_results = finished_run
+    donor_cfg = copy_run(finished_run, tmp_path / "donor")
+    donor_dir = Path(donor_cfg.paths.run_dir)
+    _forge(donor_dir, 0, "crf_segmenter", "miou", 0.99)
+    _forge(donor_dir, 1, "crf_segmenter", "miou", 0.99)
+    _forge(donor_dir, 1, "train_cam", "alpha_max", 0.99)
+    cfg = donor_cfg_.copy()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp_path / "recipient")
+        cfg.reuse_from = [str(donor_dir)]
+    computed = [s for s in ROUND0 if STAGES[s].reuse]
+    _fail_if_run(monkeypatch, computed)  # every one of them copied, none trained or refined
+    results = train(cfg)
+    for round_idx in ("0", "1"):
+        row, expected = results["rounds"][round_idx], donor_results["rounds"][round_idx]
+        assert row["seg_crf_miou"] == expected["seg_crf_miou"] != 0.99
+        assert _without_seconds(row) == _without_seconds(expected)
+    assert results["rounds"]["1"]["context"]["alpha_max"] != 0.99
+    run_dir = Path(cfg.paths.run_dir)
+    for round_idx, stage in [(0, "crf_segmenter"), (1, "crf_segmenter"), (1, "train_cam")]:
+        done = StageDir(run_dir, round_idx, stage).read_done()
+        assert done["reused_from"] == str(StageDir(donor_dir, round_idx, stage).path)
+        assert 0.99 not in done["results"]["values"].values()
+        assert not (run_dir / f"round_{round_idx}" / stage / reuse.REUSED_FILE).exists()
+
+
 def test_empty_reuse_from_computes_everything(finished_run, tmp_path, monkeypatch):
     cfg = _conta_off(finished_run, tmp_path)
     with open_dict(cfg):
@@ -111,7 +155,7 @@ def test_empty_reuse_from_computes_everything(finished_run, tmp_path, monkeypatc
 
 # -- reuse_stage on hand-made stage folders ------------------------------------------------------
 DIGEST = "abc123"
-RECORD = StageRecord("cam", {"miou": 0.5}, False).to_json()
+RECORD = StageRecord("make_cams", {}, False).to_json()  # what make_cams records: no values
 
 
 def _donor(tmp_path, **done) -> StageDir:
@@ -216,8 +260,52 @@ def test_the_records_the_stages_write_are_reused(tmp_path):
     for i, record in enumerate(records):
         donor = _donor(tmp_path / str(i), results=record)
         target = _target(tmp_path / str(i))
-        assert reuse_stage(target, DIGEST, [donor.run_dir]) == donor.path
-        assert StageRecord.from_done(target.read_done()).to_json() == record
+        assert reuse_stage(target, DIGEST, [donor.run_dir], rescore=True) == donor.path
+        # held back until the record is recomputed from the copy: not done yet
+        assert target.read_done() is None and not (target.path / "RUNNING.json").exists()
+        held = pending_rescore(target, DIGEST)
+        assert StageRecord.from_done(held).to_json() == record
+        assert held["reused_from"] == str(donor.path)
+        assert pending_rescore(target, "another hash") is None
+
+
+def test_a_donor_record_with_values_is_not_copied_for_a_stage_that_cannot_recompute_it(
+    tmp_path, caplog
+):
+    """A plausible forged score (0.99) on a stage without Stage.rescore: never taken on faith."""
+    donor = _donor(tmp_path, results=_forged({"miou": 0.99}))
+    target = _target(tmp_path)
+    with caplog.at_level("WARNING", logger="src.pipeline.reuse"):
+        assert reuse_stage(target, DIGEST, [donor.run_dir]) is None
+    assert target.read_done() is None and not (target.path / "cams").exists()
+    assert "cannot recompute" in caplog.text and str(donor.done_file) in caplog.text
+
+
+def test_a_rescored_copy_is_done_with_the_recomputed_record_only(tmp_path):
+    donor = _donor(
+        tmp_path,
+        results=_forged({"miou": 0.99}, prefix="seg_crf"),
+        metrics={"miou": 0.99, "steps": 3},
+    )
+    target = _target(tmp_path)
+    assert reuse_stage(target, DIGEST, [donor.run_dir], rescore=True) == donor.path
+    row = StageRecord("seg_crf", {"miou": 0.31}, False)
+    finish_rescore(target, pending_rescore(target, DIGEST), row, {"miou": 0.31})
+    done = target.read_done()
+    assert StageRecord.from_done(done) == row and done["metrics"] == {"miou": 0.31, "steps": 3}
+    assert done["reused_from"] == str(donor.path) and pending_rescore(target, DIGEST) is None
+    assert not (target.path / reuse.REUSED_FILE).exists()
+
+
+def test_a_donor_s_markers_are_not_copied(tmp_path):
+    """A RUNNING.json the donor kept (killed before removing it) would make a copy that is not
+    done look like an interrupted attempt to resume in place, through the hard links."""
+    donor = _donor(tmp_path)
+    (donor.path / "RUNNING.json").write_text(json.dumps({"config_hash": DIGEST}))
+    (donor.path / reuse.REUSED_FILE).write_text("{}")
+    target = _target(tmp_path)
+    assert reuse_stage(target, DIGEST, [donor.run_dir]) == donor.path
+    assert sorted(p.name for p in target.path.iterdir()) == ["DONE.json", "cams"]
 
 
 def test_the_own_run_is_never_a_donor(tmp_path):
@@ -232,7 +320,7 @@ def test_a_copy_replaces_the_unfinished_attempt(tmp_path):
     assert (target.path / "cams" / "a.npz").read_bytes() == b"cam"
     done = target.read_done()
     assert done["config_hash"] == DIGEST and done["reused_from"] == str(donor.path)
-    assert StageRecord.from_done(done) == StageRecord("cam", {"miou": 0.5}, False)
+    assert StageRecord.from_done(done) == StageRecord("make_cams", {}, False)
 
 
 def test_an_interrupted_copy_leaves_nothing_that_counts_as_done(tmp_path, monkeypatch):

@@ -14,13 +14,13 @@ from src.datamodules.palette import read_label_png
 from src.models.deeplab import balanced_class_weights
 from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.driver import PipelineError, check_stages
-from src.pipeline.stages.cam import WEIGHTS_FILE
+from src.pipeline.stages.cam import WEIGHTS_FILE, read_weights
 from src.pipeline.stages.irnet import MASK_DIR
 from src.pipeline.stages.segmenter import fresh_segmenter_net
 
 
 def _classifier_backbone(train_cam_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(train_cam_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = read_weights(train_cam_dir / WEIGHTS_FILE, "train_cam")
     return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
 
 

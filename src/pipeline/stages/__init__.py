@@ -2,7 +2,7 @@
 CONTA), IRNet's and, from their own modules, PSA's (method=seam) and SEC's / DSRG's (seeded.py)."""
 
 from src.pipeline.stage import Stage
-from src.pipeline.stages.cam import eval_cams, make_cams, train_cam
+from src.pipeline.stages.cam import eval_cams, make_cams, rescore_classifier, train_cam
 from src.pipeline.stages.conta import make_confounders
 from src.pipeline.stages.context import CONFOUNDER_STAGE
 from src.pipeline.stages.irnet import eval_pseudo, make_ir_labels, make_pseudo_masks, train_affinity
@@ -17,6 +17,7 @@ from src.pipeline.stages.segmenter import (
     crf_segmenter,
     eval_segmenter,
     predict_segmenter,
+    rescore_crf,
     train_segmenter,
 )
 
@@ -130,6 +131,7 @@ STAGES: dict[str, Stage] = {
             global_batch=("cam.batch_size",),
             # The diagnostics of M (alpha, spread, logit share) are part of its results.
             round_keys=(*_CONTA_CLASSIFIER, "conta.diagnostic_images"),
+            rescore=rescore_classifier,  # M's diagnostics: recomputed for a copy, not taken
         ),
         Stage(
             "make_cams",
@@ -216,6 +218,7 @@ STAGES: dict[str, Stage] = {
                 "figure_images",
             ),
             inputs=("segmentation",),
+            rescore=rescore_crf,  # its masks copied, its score recomputed from them
         ),
         Stage(
             CONFOUNDER_STAGE,

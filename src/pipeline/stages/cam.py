@@ -40,8 +40,8 @@ from src.pipeline.stages.context import (
     context_wrapper,
     previous_confounders,
 )
-from src.utils.io import atomic_torch_save
-from src.utils.untrusted import Source, read_npz, read_state_dict
+from src.utils.untrusted import Source, UntrustedFileError, read_npz
+from src.utils.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
     from src.models.context import Confounders
@@ -101,10 +101,19 @@ def decode_cam(arrays: dict[str, np.ndarray], src: Source | None = None) -> dict
     return out
 
 
+class WeightsFileError(MissingArtifactError, UntrustedFileError):
+    """A stage's weight file that is damaged or not what the stage writes (a user error: the
+    fix is to redo that stage)."""
+
+
 def read_weights(path: Path, stage: str) -> dict[str, torch.Tensor]:
-    """A weight file of this project (flat str -> tensor); else MissingArtifactError."""
-    fix = f"delete it and re-run the {stage} stage (force=[{stage}])"
-    return read_state_dict(Source(path, fix, MissingArtifactError))
+    """The weights `stage` saved (src/utils/weights.py: digest checked); else WeightsFileError
+    naming the file and the stage to redo."""
+    fix = (
+        f"delete it and re-run the {stage} stage: force=[{stage}] (or delete its folder "
+        f"{path.parent})"
+    )
+    return load_weights(Source(path, fix, WeightsFileError))
 
 
 def build_cam_classifier(
@@ -181,22 +190,37 @@ def train_cam(ctx: StageContext) -> StageResult:
         module, datamodule=datamodule, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
     if trainer.is_global_zero:
-        atomic_torch_save(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
+        save_weights(ctx.dir / WEIGHTS_FILE, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)
     metrics.update(batch_metrics(trainer, share))
     if confounders is None or not trainer.is_global_zero:
         return StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
+    result = StageResult(metrics=metrics, artifacts=[WEIGHTS_FILE])
+    return _with_diagnostics(result, module, confounders, ctx)
+
+
+def _with_diagnostics(
+    result: StageResult, module: CAMClassifier, confounders: Confounders, ctx: StageContext
+) -> StageResult:
+    """`result` with the diagnostics of M (a CONTA round's) as its record and metrics."""
     diagnostics = context_diagnostics(module, confounders, ctx)
-    metrics.update({f"context/{k}": v for k, v in diagnostics.items()})
-    return StageResult(
-        metrics=metrics,
-        artifacts=[WEIGHTS_FILE],
-        results=diagnostics,
-        prefix="context",
-        nested=True,
-    )
+    result.metrics.update({f"context/{k}": v for k, v in diagnostics.items()})
+    result.results, result.prefix, result.nested = diagnostics, "context", True
+    return result
+
+
+def rescore_classifier(ctx: StageContext) -> StageResult:
+    """train_cam's record recomputed from its weights (a copy's, with `reuse_from`): in a CONTA
+    round, the diagnostics of M, so a donor's are never taken on faith; none in round 0."""
+    result = StageResult(metrics={}, artifacts=[WEIGHTS_FILE])
+    confounders = previous_confounders(ctx)
+    if confounders is None or not is_global_zero():  # train_cam computes them on rank 0 too
+        return result
+    module = build_cam_classifier(ctx.cfg, confounders, seed=ctx.seed)
+    module.net.load_state_dict(read_weights(ctx.dir / WEIGHTS_FILE, "train_cam"))
+    return _with_diagnostics(result, module, confounders, ctx)
 
 
 def _load_previous_weights(module: CAMClassifier, weights: Path) -> None:

@@ -35,7 +35,7 @@ from src.pipeline.stages.cam import (
     read_weights,
 )
 from src.postprocess.crf import CRFParams, make_ir_label
-from src.utils.io import atomic_torch_save
+from src.utils.weights import save_weights
 
 log = logging.getLogger(__name__)
 IR_LABEL_DIR = "ir_labels"
@@ -185,7 +185,7 @@ def fit_on_affinity_labels(ctx: StageContext, module, transform, weights_file: s
         module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
     if trainer.is_global_zero:
-        atomic_torch_save(ctx.dir / weights_file, module.net.state_dict())
+        save_weights(ctx.dir / weights_file, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["momentum"] = momentum_of(trainer.optimizers)
     metrics["resume"] = ctx.training_resume(trainer)

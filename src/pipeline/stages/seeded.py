@@ -68,8 +68,8 @@ from src.postprocess.cues import (
     read_cues,
     write_cues,
 )
-from src.utils.io import atomic_torch_save
 from src.utils.untrusted import Source, read_npz
+from src.utils.weights import save_weights
 
 log = logging.getLogger(__name__)
 CUE_DIR = "cues"
@@ -295,7 +295,7 @@ def train_seeded(ctx: StageContext) -> StageResult:
         module, train_dataloaders=loader, ckpt_path=ctx.checkpoint_to_resume(), weights_only=True
     )
     if trainer.is_global_zero:
-        atomic_torch_save(ctx.dir / SEEDED_WEIGHTS, module.net.state_dict())
+        save_weights(ctx.dir / SEEDED_WEIGHTS, module.net.state_dict())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["resume"] = ctx.training_resume(trainer)
     metrics.update(batch_metrics(trainer, share))

@@ -312,6 +312,14 @@ def crf_subset(num_images: int, crf_images: Any) -> list[int]:
     return np.linspace(0, num_images, crf_images, endpoint=False).astype(int).tolist()
 
 
+def _crf_images(ctx: StageContext) -> tuple[Any, list[int]]:
+    """The val set and the indices of the images crf_segmenter refines and scores."""
+    with ctx.settle():
+        dataset = build_dataset(ctx.cfg.data, ctx.cfg.data.val_split)
+        subset = crf_subset(len(dataset), ctx.cfg.segmenter.get("crf_images"))
+    return dataset, subset
+
+
 def crf_segmenter(ctx: StageContext) -> StageResult:
     """Dense CRF (deeplab-pytorch's parameters) on the saved val logits, sharded over the ranks
     and their shares of the node's process pool, then scored like eval_segmenter (`seg_crf`).
@@ -322,8 +330,7 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
         params = CRFParams.from_config(
             OmegaConf.to_container(cfg.segmenter.crf, resolve=True), "segmenter.crf"
         )
-        dataset = build_dataset(cfg.data, cfg.data.val_split)
-        subset = crf_subset(len(dataset), cfg.segmenter.get("crf_images"))
+    dataset, subset = _crf_images(ctx)
     segmentation = ctx.inputs["segmentation"]
     out_dir = ctx.dir / MASK_DIR
     ids = [dataset.ids[i] for i in subset]
@@ -339,21 +346,43 @@ def crf_segmenter(ctx: StageContext) -> StageResult:
         partial(_crf_job, params=params, out_dir=out_dir, num_classes=cfg.data.num_classes),
         "segmenter.crf_workers",
     )
-    partial_set = len(subset) < len(dataset)
+    result = _crf_score(ctx, len(dataset), subset)
+    # A new dict: result.metrics is also the results row, which keeps no resume counts.
+    result.metrics = {**result.metrics, "resume": resume_counts(ids, todo, (out_dir, ".png"))}
+    return result
+
+
+def _crf_score(ctx: StageContext, split_images: int, subset: list[int]) -> StageResult:
+    """crf_segmenter's `seg_crf` record, from the refined masks in its folder."""
+    cfg = ctx.cfg
+    partial_set = len(subset) < split_images
     title = f"round {ctx.round}: segmenter + CRF on {cfg.data.val_split}"
     if partial_set:
-        title += f" ({len(subset)} of {len(dataset)} images)"
+        title += f" ({len(subset)} of {split_images} images)"
     result = _score(
         ctx,
-        out_dir,
+        ctx.dir / MASK_DIR,
         "segmenter + CRF",
         "seg_crf",
         title,
         indices=subset,
-        without_crf=segmentation / MASK_DIR if partial_set else None,
+        without_crf=ctx.inputs["segmentation"] / MASK_DIR if partial_set else None,
     )
-    result.results |= {"images": len(subset), "split_images": len(dataset)}
+    result.results |= {"images": len(subset), "split_images": split_images}
     result.artifacts.append(MASK_DIR)
-    # A new dict: result.metrics is also the results row, which keeps no resume counts.
-    result.metrics = {**result.metrics, "resume": resume_counts(ids, todo, (out_dir, ".png"))}
     return result
+
+
+def rescore_crf(ctx: StageContext) -> StageResult:
+    """crf_segmenter's record recomputed from its masks (a copy's, with `reuse_from`): a donor's
+    CRF score is never taken on faith. Every refined mask must be there."""
+    dataset, subset = _crf_images(ctx)
+    ids = [dataset.ids[i] for i in subset]
+    with ctx.settle():
+        missing = missing_items(ids, (ctx.dir / MASK_DIR, ".png"))
+        if missing:
+            raise MissingArtifactError(
+                f"{ctx.dir / MASK_DIR} lacks the masks of {len(missing)} images (e.g. "
+                f"{ids[missing[0]]}): re-run crf_segmenter (force=[crf_segmenter])"
+            )
+    return _crf_score(ctx, len(dataset), subset)
