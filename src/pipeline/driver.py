@@ -31,6 +31,7 @@ from src.pipeline.checks import check_before_work
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
+from src.pipeline.registry import ROLES, STAGES
 from src.pipeline.resources import stage_resources
 from src.pipeline.reuse import StageRecord, remove_killed_copies, reuse_stage
 from src.pipeline.runtime import (
@@ -45,7 +46,6 @@ from src.pipeline.runtime import (
 )
 from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
-from src.pipeline.stages import STAGES
 from src.pipeline.stages.context import validate_conta
 from src.utils.io import atomic_write_json, atomic_write_text
 from src.utils.untrusted import read_json_object
@@ -58,7 +58,7 @@ FINGERPRINTS_FILE = "data_fingerprints.json"
 def check_stages(cfg: DictConfig) -> Plan:
     """The run's plan (cfg.stages with every role resolved), or a PipelineError saying why not."""
     validate_conta(cfg)
-    plan = build_plan(list(cfg.stages), STAGES, cfg.round)
+    plan = build_plan(list(cfg.stages), STAGES, cfg.round, ROLES)
     # The classifier is an optional input of train_segmenter; backbone_init=cam needs it.
     segmenter_init = OmegaConf.select(cfg, "segmenter.backbone_init")
     roles = plan.producers
