@@ -22,7 +22,7 @@ from src.datamodules import prepare_data
 from src.pipeline.driver import check_stages
 from src.pipeline.fingerprint import data_fingerprints
 from src.pipeline.hashing import plan_digests
-from src.pipeline.stages import STAGES
+from src.pipeline.registry import STAGES
 from tests.conftest import TINY_SYNTH, compose_cfg
 
 ALL = set(STAGES)
@@ -240,10 +240,10 @@ def digests(cfg, stages):
         [],  # the default: synth_conta, three rounds
         ["experiment=voc_conta", "round=1"],
         ["experiment=coco_conta", "round=1", "trainer=ddp"],
-        ["experiment=synth_seam_conta"],
-        ["experiment=voc_seam_conta", "round=1"],
+        ["experiment=synth", "method=seam", "conta=on"],
+        ["experiment=voc", "method=seam", "conta=on", "round=1"],
         ["method=sec"],
-        ["method=dsrg", "data=voc", "scale=paper", "round=1"],
+        ["experiment=voc", "method=dsrg", "round=1"],
     ],
     ids=[
         "synth_conta",
