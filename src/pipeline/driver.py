@@ -34,6 +34,7 @@ from src.pipeline.plan import PipelineError, Plan, build_plan
 from src.pipeline.registry import ROLES, STAGES
 from src.pipeline.resources import stage_resources
 from src.pipeline.reuse import StageRecord, remove_killed_copies, reuse_stage
+from src.pipeline.run_recipe import check_run_recipe, record_run_recipe
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -79,9 +80,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
         raise PipelineError(f"round={cfg.round} must be >= 0")
     check_before_work(cfg)
     check_global_batches(cfg, plan, configured_world_size(cfg))
+    check_run_recipe(cfg, run_dir)  # a folder made by another recipe is refused, on every rank
 
     def start_run() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        record_run_recipe(cfg, run_dir)
         # Temp file + rename: a config.yaml that is a link (or a hard-linked copy of another
         # run's) is replaced, never written through.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
