@@ -53,7 +53,7 @@ preflight: install ## Every paper experiment end to end at paper shapes on gener
 	$(PY) -m src.datamodules.layouts voc $(PREFLIGHT_DATA)/VOC2012 --train-aug 2 --train 2 --val 2
 	$(PY) -m src.datamodules.layouts coco $(PREFLIGHT_DATA)/coco --train 2 --val 2
 	for run in "experiment=voc_conta" "experiment=voc method=seam" "experiment=voc method=dsrg" \
-	  "experiment=voc_supervised"; do \
+	  "experiment=voc method=cam" "experiment=voc_supervised"; do \
 	  $(PREFLIGHT) $$run $(PREFLIGHT_VOC) $(ARGS) || exit 1; done
 	$(PREFLIGHT) experiment=voc method=sec $(PREFLIGHT_VOC) trainer=ddp_cpu preflight.batch_size=2 $(ARGS)
 	$(PREFLIGHT) experiment=coco_conta $(PREFLIGHT_COCO) $(ARGS)

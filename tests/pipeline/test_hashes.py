@@ -47,6 +47,7 @@ READS_TRAIN = {
     "make_cams",
     "make_ir_labels",
     "make_psa_labels",
+    "make_cam_masks",
     *AFFINITY_TRAINING,
     *WALK,
     "train_segmenter",
@@ -107,6 +108,7 @@ TABLE: list[tuple] = [
     ("cam.inference.*", {"make_cams"}),
     ("cam.net.*", {"train_cam", "make_cams", "make_cues"}),
     ("cam.module._target_", {"train_cam", "make_cams"}),
+    ("cam.eval.bg_threshold", {"eval_cams", "make_cam_masks"}),  # method=cam: its pseudo-masks
     ("cam.eval.*", {"eval_cams"}),
     ("cam.*", {"train_cam"}),
     ("affinity.ir_label.*", {"make_ir_labels"}),
@@ -244,6 +246,7 @@ def digests(cfg, stages):
         ["experiment=voc", "method=seam", "conta=on", "round=1"],
         ["method=sec"],
         ["experiment=voc", "method=dsrg", "round=1"],
+        ["method=cam"],
     ],
     ids=[
         "synth_conta",
@@ -253,6 +256,7 @@ def digests(cfg, stages):
         "voc_seam_conta",
         "synth_sec_conta",
         "voc_dsrg_conta",
+        "synth_cam_conta",
     ],
 )
 def test_each_leaf_redoes_exactly_the_stages_it_can_change(overrides):
