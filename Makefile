@@ -52,9 +52,10 @@ PREFLIGHT_COCO := data.root=$(PREFLIGHT_DATA)/coco data.cache_dir=$(PREFLIGHT_DA
 preflight: install ## Every paper experiment end to end at paper shapes on generated VOC/COCO folders (CPU, ~20 min)
 	$(PY) -m src.datamodules.layouts voc $(PREFLIGHT_DATA)/VOC2012 --train-aug 2 --train 2 --val 2
 	$(PY) -m src.datamodules.layouts coco $(PREFLIGHT_DATA)/coco --train 2 --val 2
-	for experiment in voc_conta voc_seam_conta voc_dsrg_conta voc_supervised; do \
-	  $(PREFLIGHT) experiment=$$experiment $(PREFLIGHT_VOC) $(ARGS) || exit 1; done
-	$(PREFLIGHT) experiment=voc_sec_conta $(PREFLIGHT_VOC) trainer=ddp_cpu preflight.batch_size=2 $(ARGS)
+	for run in "experiment=voc_conta" "experiment=voc method=seam" "experiment=voc method=dsrg" \
+	  "experiment=voc method=cam" "experiment=voc_supervised"; do \
+	  $(PREFLIGHT) $$run $(PREFLIGHT_VOC) $(ARGS) || exit 1; done
+	$(PREFLIGHT) experiment=voc method=sec $(PREFLIGHT_VOC) trainer=ddp_cpu preflight.batch_size=2 $(ARGS)
 	$(PREFLIGHT) experiment=coco_conta $(PREFLIGHT_COCO) $(ARGS)
 
 lint: install ## ruff check + format check

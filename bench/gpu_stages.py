@@ -50,8 +50,8 @@ import src.train  # noqa: E402, F401  (registers the config resolvers)
 from src.datamodules.transforms import frame_grid  # noqa: E402
 from src.models.context import Confounders  # noqa: E402
 from src.pipeline.batching import rank_batch  # noqa: E402
+from src.pipeline.stages.affinity import build_affinity_module, collate_with_cams  # noqa: E402
 from src.pipeline.stages.cam import build_cam_classifier  # noqa: E402
-from src.pipeline.stages.irnet import build_affinity_module, collate_with_cams  # noqa: E402
 from src.pipeline.stages.segmenter import build_segmenter  # noqa: E402
 
 SIZE = (375, 500)  # (H, W) of a typical VOC image

@@ -15,7 +15,7 @@ labels and the iterations, not on the values, so these inputs time the CRFs as r
 * eval_cams       CAM file -> `ThresholdSweep.update` (the 0.05-step sweep)
 * eval_pseudo / eval_segmenter   PNG -> `SegmentationMetric.update`
 
-Settings come from the composed experiments (`voc_conta`, `voc_seam`, `coco_conta`). The
+Settings come from the composed experiments (`voc_conta`, `voc method=seam`, `coco_conta`). The
 projection divides each stage's images by the per-process rate times its processes: the CRF
 pools use the node's processes (`--node-processes`, split among the ranks), the evaluations
 one process per rank. It assumes the per-process rate holds with many processes (the work is
@@ -53,10 +53,10 @@ sys.path.insert(0, str(ROOT))
 from src.datamodules.palette import read_label_png, save_label_png  # noqa: E402
 from src.evaluation.cam import ThresholdSweep  # noqa: E402
 from src.evaluation.metrics import SegmentationMetric  # noqa: E402
+from src.methods.irnet import _ir_label_job  # noqa: E402
+from src.methods.seam import _psa_label_job  # noqa: E402
 from src.pipeline.projection import projected_hours  # noqa: E402
 from src.pipeline.stages.cam import cam_encoder, load_cam  # noqa: E402
-from src.pipeline.stages.irnet import _ir_label_job  # noqa: E402
-from src.pipeline.stages.psa import _psa_label_job  # noqa: E402
 from src.pipeline.stages.segmenter import _crf_job, crf_subset  # noqa: E402
 from src.postprocess.crf import CRFParams, run_parallel  # noqa: E402
 from src.postprocess.logits_store import encode_logits  # noqa: E402
@@ -342,7 +342,7 @@ def main() -> None:
         "voc": gpu_stages.compose_experiment("voc_conta"),
         "coco": gpu_stages.compose_experiment("coco_conta"),
     }
-    seam = gpu_stages.compose_experiment("voc_seam")
+    seam = gpu_stages.compose_experiment("voc", ["method=seam", "conta=off"])
     print(
         f"CPU stages at 500x375, {args.images} images per set, 1 process (cpus: {os.cpu_count()})"
     )

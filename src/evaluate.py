@@ -23,8 +23,8 @@ from omegaconf import DictConfig, open_dict
 from src.evaluation.report import load_results, print_results, update_results
 from src.pipeline.artifacts import MissingArtifactError, StageDir
 from src.pipeline.plan import build_plan
+from src.pipeline.registry import ROLES, STAGES
 from src.pipeline.stage import StageContext
-from src.pipeline.stages import STAGES
 from src.utils.errors import UserError
 from src.utils.io import atomic_write_json
 
@@ -50,7 +50,7 @@ def _finished(run_dir: Path, round_idx: int, stage: str) -> Path:
 
 
 def _context(cfg, run_dir, round_idx, name, out_dir, inputs=None, previous=None) -> StageContext:
-    plan = build_plan(list(cfg.stages), STAGES, cfg.round)
+    plan = build_plan(list(cfg.stages), STAGES, cfg.round, ROLES)
     stage = STAGES[name]
     if inputs is None:
         inputs = {r: _finished(run_dir, round_idx, n) for r, n in plan.inputs(stage).items()}

@@ -71,7 +71,9 @@ def shared_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, shared_data_dir) -> DictConfig:
-    cfg = compose_cfg(["experiment=synth_irnet", *TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY], tmp_path)
+    cfg = compose_cfg(
+        ["experiment=synth", "conta=off", *TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY], tmp_path
+    )
     with open_dict(cfg):
         cfg.paths.data_dir = str(shared_data_dir)
     return cfg

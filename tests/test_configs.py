@@ -6,9 +6,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from src.methods.seeded import build_seeded_module, cue_grid
 from src.pipeline.driver import check_stages
 from src.pipeline.stages.cam import build_cam_classifier
-from src.pipeline.stages.seeded import build_seeded_module, cue_grid
 from src.pipeline.stages.segmenter import build_segmenter
 from tests.conftest import CONF_DIR, compose_cfg
 
@@ -78,12 +78,12 @@ def test_paper_settings(experiment):
 @pytest.mark.parametrize(
     "experiment, steps",
     [
-        ("voc_irnet", 20000),
+        ("voc", 20000),
         ("voc_conta", 20000),
         ("voc_supervised", 20000),
         # deeplab-pytorch's COCO recipe (cocostuff164k.yaml): 100k iterations
         ("coco_conta", 100000),
-        ("coco_dsrg", 100000),
+        ("coco", 100000),
         ("coco_supervised", 100000),
     ],
 )
@@ -164,7 +164,7 @@ def test_bad_stage_list_is_rejected():
 
 
 def test_sec_and_dsrg_paper_settings():
-    sec = compose_cfg(["experiment=voc_sec"]).seeded
+    sec = compose_cfg(["experiment=voc", "method=sec", "conta=off"]).seeded
     assert (sec.input_size, sec.flip, sec.batch_size, sec.max_steps) == (321, False, 15, 8000)
     assert (sec.optimizer.lr, sec.optimizer.momentum, sec.optimizer.weight_decay) == (
         1e-3,
@@ -178,7 +178,7 @@ def test_sec_and_dsrg_paper_settings():
     assert (
         sec.module.crf.bilateral_sxy == pytest.approx(80 / 12) and sec.test_crf.bilateral_sxy == 80
     )
-    dsrg = compose_cfg(["experiment=voc_dsrg"]).seeded
+    dsrg = compose_cfg(["experiment=voc", "method=dsrg", "conta=off"]).seeded
     assert (dsrg.flip, dsrg.batch_size, dsrg.max_steps, dsrg.optimizer.lr) == (True, 20, 8000, 5e-4)
     assert (dsrg.scheduler.step_size, dsrg.scheduler.gamma) == (1000, 0.33)
     assert (dsrg.module.bg_threshold, dsrg.module.fg_threshold) == (0.99, 0.85)
@@ -186,11 +186,11 @@ def test_sec_and_dsrg_paper_settings():
     assert "d_fg" not in dsrg.module and "dilation" not in dsrg.net
 
 
-@pytest.mark.parametrize("experiment", ["voc_sec_conta", "voc_dsrg_conta", "coco_dsrg_conta"])
-def test_sec_and_dsrg_heads_and_pseudo_masks_follow_the_references(experiment):
+@pytest.mark.parametrize("experiment, method", [("voc", "sec"), ("voc", "dsrg"), ("coco", "dsrg")])
+def test_sec_and_dsrg_heads_and_pseudo_masks_follow_the_references(experiment, method):
     """The values of SEC's (akolesnikoff/SEC, formerly kolesman/SEC) and DSRG's
     (speedinghzl/DSRG) reference files; each assertion names the file."""
-    sd = compose_cfg([f"experiment={experiment}"]).seeded
+    sd = compose_cfg([f"experiment={experiment}", f"method={method}"]).seeded
     dsrg = sd.net.head == "aspp"
     # SEC training/train.prototxt fc6/fc7, DSRG train-s.prototxt fc6_i/fc7_i: lr_mult 1
     # (they come from vgg16_20M: README.md / run-s.sh, ImageNet VGG-16 fc6/fc7 decimated).
@@ -226,7 +226,7 @@ def test_coco_cues_are_sized_for_81_classes():
 
 def test_seam_paper_settings_are_seams():
     """Each value against YudeWang/SEAM (the file named beside it in the recipe)."""
-    cfg = compose_cfg(["experiment=voc_seam_conta"])
+    cfg = compose_cfg(["experiment=voc", "method=seam", "conta=on"])
     aff, cam = cfg.affinity, cfg.cam
     # infer_aff.py --alpha 6 --logt 6 --beta 8; infer_SEAM.py crf_alpha = [4, 24]
     assert (aff.module.bg_alpha, aff.module.logt, aff.module.beta) == (6, 6, 8)

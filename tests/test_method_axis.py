@@ -3,6 +3,8 @@ hits (an unknown method, a stage list that leaves a role unproduced, another met
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import HydraException
 
@@ -12,10 +14,17 @@ from src.pipeline.hashing import plan_digests
 from src.pipeline.plan import PipelineError
 from src.pipeline.stages.cam import WEIGHTS_FILE, build_cam_classifier, load_cam_classifier
 from src.utils.weights import save_weights
-from tests.conftest import compose_cfg
+from tests.conftest import CONF_DIR, compose_cfg
+
+# Every method config: a new method is on every axis test without an edit here.
+METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("method", ["irnet", "seam"])
+def test_the_methods_are_the_method_configs():
+    assert {"cam", "irnet", "seam", "sec", "dsrg"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("conta", ["off", "on"])
 def test_each_point_of_the_sweep_composes_into_a_plan(method, conta):
     cfg = compose_cfg([f"method={method}", f"conta={conta}"])
@@ -24,9 +33,7 @@ def test_each_point_of_the_sweep_composes_into_a_plan(method, conta):
     assert cfg.round == (2 if conta == "on" else 0)
     assert ("confounders" in plan.names) == (conta == "on")
     # Every role the shared stages read has exactly one producer of this method.
-    assert {"classifier", "cams", "affinity_labels", "affinity", "pseudo_masks"} <= set(
-        plan.producers
-    )
+    assert {"classifier", "cams", "pseudo_masks", "segmenter"} <= set(plan.producers)
     on = conta == "on"  # the CONTA rounds name their context module (the CPU recipes' variant)
     context = "calibrated" if on else None
     assert run_identity(cfg) == {"data": "synth", "method": method, "conta": on, "context": context}
@@ -73,7 +80,7 @@ def test_a_seam_classifier_given_to_the_irnet_stages_names_the_config_and_the_fi
         load_cam_classifier(cfg, tmp_path)
 
 
-@pytest.mark.parametrize("method", ["irnet", "seam"])
+@pytest.mark.parametrize("method", METHODS)
 def test_round_0_of_a_conta_run_is_the_conta_off_run(method):
     """Every round-0 stage has the same hash with conta on and off: the baseline row of
     report.py may come from round 0 of the conta=on runs (what `make table2` measured)."""

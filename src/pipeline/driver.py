@@ -31,6 +31,7 @@ from src.pipeline.checks import check_before_work
 from src.pipeline.fingerprint import data_fingerprints, file_digest
 from src.pipeline.hashing import picked_config, plan_digests, stage_keys, stage_seed
 from src.pipeline.plan import PipelineError, Plan, build_plan
+from src.pipeline.registry import ROLES, STAGES
 from src.pipeline.resources import stage_resources
 from src.pipeline.reuse import (
     StageRecord,
@@ -39,6 +40,7 @@ from src.pipeline.reuse import (
     remove_killed_copies,
     reuse_stage,
 )
+from src.pipeline.run_recipe import check_run_recipe, record_run_recipe
 from src.pipeline.runtime import (
     barrier,
     build_loggers,
@@ -51,7 +53,6 @@ from src.pipeline.runtime import (
 )
 from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
-from src.pipeline.stages import STAGES
 from src.pipeline.stages.context import validate_conta
 from src.utils.io import atomic_write_json, atomic_write_text
 from src.utils.untrusted import read_json_object
@@ -63,7 +64,7 @@ FINGERPRINTS_FILE = "data_fingerprints.json"
 def check_stages(cfg: DictConfig) -> Plan:
     """The run's plan (cfg.stages with every role resolved), or a PipelineError saying why not."""
     validate_conta(cfg)
-    plan = build_plan(list(cfg.stages), STAGES, cfg.round)
+    plan = build_plan(list(cfg.stages), STAGES, cfg.round, ROLES)
     # The classifier is an optional input of train_segmenter; backbone_init=cam needs it.
     segmenter_init = OmegaConf.select(cfg, "segmenter.backbone_init")
     roles = plan.producers
@@ -84,9 +85,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
         raise PipelineError(f"round={cfg.round} must be >= 0")
     check_before_work(cfg)
     check_global_batches(cfg, plan, configured_world_size(cfg))
+    check_run_recipe(cfg, run_dir)  # a folder made by another recipe is refused, on every rank
 
     def start_run() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        record_run_recipe(cfg, run_dir)
         # Temp file + rename: a config.yaml that is a link (or a hard-linked copy of another
         # run's) is replaced, never written through.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,7 +1,7 @@
 """Which stage produces each role in a run, checked before anything runs.
 
-Stages name the roles they read (`Stage.inputs`, src/pipeline/stage.py ROLES), never another
-stage. `build_plan` resolves every role to the one stage of `cfg.stages` that produces it, so a
+Stages name the roles they read (`Stage.inputs`; the roles: src/pipeline/registry.py ROLES),
+never another stage. `build_plan` resolves every role to the one stage of `cfg.stages` that produces it, so a
 method brings its own producers (SEAM's classifier, PSA's affinity) and the readers (evaluation,
 segmenter, CONTA) stay as they are.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from src.pipeline.stage import ROLES, Stage
+from src.pipeline.stage import Stage
 from src.utils.errors import UserError
 
 
@@ -44,8 +44,11 @@ class Plan:
         return {role: self.producers[role] for role in stage.previous_inputs}
 
 
-def build_plan(names: Sequence[str], registry: Mapping[str, Stage], rounds: int) -> Plan:
-    """The stages `names` in order, every role they read resolved; a clear error otherwise."""
+def build_plan(
+    names: Sequence[str], registry: Mapping[str, Stage], rounds: int, roles: Mapping[str, str]
+) -> Plan:
+    """The stages `names` of `registry` in order, every role they read (one of `roles`) resolved;
+    a clear error otherwise."""
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise PipelineError(f"stages={unknown} unknown; available: {sorted(registry)}")
@@ -55,9 +58,11 @@ def build_plan(names: Sequence[str], registry: Mapping[str, Stage], rounds: int)
     producers: dict[str, str] = {}
     for stage in stages:
         needed = stage.inputs + stage.optional_inputs + stage.previous_inputs
-        bad = [r for r in (*needed, stage.produces) if r is not None and r not in ROLES]
+        bad = [r for r in (*needed, stage.produces) if r is not None and r not in roles]
         if bad:
-            raise PipelineError(f"stage {stage.name} names unknown roles {bad}; roles: {ROLES}")
+            raise PipelineError(
+                f"stage {stage.name} names unknown roles {bad}; roles: {sorted(roles)}"
+            )
         missing = [r for r in stage.inputs if r not in producers]
         if missing:
             raise PipelineError(

@@ -125,11 +125,12 @@ def run_image_jobs(
     out: tuple[Path, str],
     job_of: Callable[[int], tuple],
     fn: Callable[[tuple], None],
-    workers_key: str,
+    workers_key: str | None,
 ) -> list[int]:
     """`fn(job_of(i))` for every image i whose output file (folder, suffix) is missing, each
     rank doing its share over its share of the node's process pool (the config key
-    `workers_key`). Files an interrupted attempt wrote are complete (atomic writes) and kept.
+    `workers_key`; None: in this process). Files an interrupted attempt wrote are complete
+    (atomic writes) and kept.
     Returns every rank's to-do list."""
     out_dir, suffix = out
     with ctx.settle():  # every rank lists the same to-do before any rank writes
@@ -137,7 +138,12 @@ def run_image_jobs(
         todo = missing_items(ids, (out_dir, suffix))
     with ctx.settle():
         jobs = [job_of(i) for i in my_share(todo)]
-        workers = rank_workers(OmegaConf.select(ctx.cfg, workers_key), workers_key)
+        # None: a cheap job, run in this process (no pool to start).
+        workers = (
+            1
+            if workers_key is None
+            else rank_workers(OmegaConf.select(ctx.cfg, workers_key), workers_key)
+        )
         log.info("%s: %d of %d images here, %d workers", ctx.name, len(jobs), len(ids), workers)
         run_parallel(fn, jobs, workers)
     return todo

@@ -114,15 +114,14 @@ class StageResult:
     nested: bool = False
 
 
-# Roles: what a stage's folder holds, for the stages that read it. A stage names the roles it
-# reads, never another stage, so a method brings its own producers without touching the readers.
+# The shared roles: what a stage's folder holds, for the stages that read it. A stage names the
+# roles it reads, never another stage, so a method brings its own producers without touching the
+# readers. A method declares the roles only its own stages use in its module (`ROLES`,
+# src/methods/); src/pipeline/registry.py joins them with these.
 ROLES = {
     "classifier": "the image-level classifier's weights (cam_net.pt)",
     "cams": "CAMs of the training images (cams/<id>.npz: keys, cam at stride 4, high_res)",
-    "affinity_labels": "confident fg/bg/unsure labels for the affinity net (<dir>/<id>.png)",
-    "affinity": "the trained affinity network",
-    "cues": "SEC/DSRG localization cues on the seeded net's output grid (cues/<id>.npz)",
-    "seeded_net": "the trained SEC or DSRG network (seeded_net.pt)",
+    "affinity_labels": "confident fg/bg/unsure labels from the CAMs (<dir>/ir_labels/<id>.png)",
     "pseudo_masks": "pseudo-masks of the training images (masks/<id>.png, 255 = unsure)",
     "segmenter": "the trained segmentation network (segmenter.pt)",
     "segmentation": "the segmenter's val predictions (masks/ and logits/)",
@@ -135,7 +134,7 @@ class Stage:
     name: str
     run: Callable[[StageContext], StageResult]
     config_keys: tuple[str, ...]  # config subtrees whose values change this stage's output
-    produces: str | None = None  # the role of its folder (a key of ROLES), if others read it
+    produces: str | None = None  # the role of its folder, if others read it
     inputs: tuple[str, ...] = ()  # roles of the same round it reads
     optional_inputs: tuple[str, ...] = ()  # roles read when some stage in `stages` produces them
     # From round 1 on (CONTA): roles of the previous round it reads, and config keys that only

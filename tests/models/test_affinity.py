@@ -3,7 +3,7 @@ import torch
 
 from src.models.affinity import AffinityModule, AffinityNet, affinity_labels, relation_losses
 from src.models.backbone import ResNetBackbone
-from src.pipeline.stages.irnet import collate_with_cams
+from src.pipeline.stages.affinity import collate_with_cams
 from src.postprocess.path_index import get_path_index
 from src.postprocess.random_walk import random_walk_batch
 

@@ -16,7 +16,7 @@ from src.models.psa import (
     psa_losses,
     source_pairs,
 )
-from src.pipeline.stages.irnet import collate_with_cams
+from src.pipeline.stages.affinity import collate_with_cams
 from src.postprocess.path_index import get_path_index
 from tests.models.test_affinity import walk_sample
 

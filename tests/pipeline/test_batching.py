@@ -13,7 +13,7 @@ import pytest
 from src.pipeline.artifacts import StageDir
 from src.pipeline.batching import RankBatch, rank_batch
 from src.pipeline.plan import PipelineError
-from src.pipeline.stages import STAGES
+from src.pipeline.registry import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
 

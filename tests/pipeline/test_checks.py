@@ -84,15 +84,15 @@ def test_weights_that_are_neither_cached_nor_downloadable_fail_at_start(monkeypa
 
 
 def test_pretrained_false_is_the_one_switch_to_random_init():
-    for experiment in ("voc_conta", "voc_seam_conta", "voc_sec_conta", "coco_dsrg_conta"):
-        cfg = compose_cfg([f"experiment={experiment}", "pretrained=false"])
+    for experiment, method in (("voc", "irnet"), ("voc", "seam"), ("voc", "sec"), ("coco", "dsrg")):
+        cfg = compose_cfg([f"experiment={experiment}", f"method={method}", "pretrained=false"])
         for key in ("backbone", "segmenter.backbone", "seeded.backbone", "affinity.backbone"):
             node = OmegaConf.select(cfg, key)
             if node is None:
                 continue
-            assert node.get("weights") is None, (experiment, key)
+            assert node.get("weights") is None, (experiment, method, key)
             # BatchNorm that keeps ImageNet statistics has none to keep: it trains instead.
-            assert node.get("norm", "train") == "train", (experiment, key)
+            assert node.get("norm", "train") == "train", (experiment, method, key)
     cfg = compose_cfg(["experiment=voc_conta"])
     assert cfg.backbone.weights == "IMAGENET1K_V1" and cfg.segmenter.backbone.norm == "frozen"
 

@@ -17,7 +17,7 @@ from src.models.context import ConfounderError, Confounders, resize_nearest
 from src.pipeline import driver
 from src.pipeline.artifacts import StageDir
 from src.pipeline.hashing import picked_config, stage_keys
-from src.pipeline.stages import STAGES
+from src.pipeline.registry import STAGES
 from src.pipeline.stages.cam import read_weights
 from src.train import train
 from tests.conftest import FAST, compose_cfg
@@ -74,7 +74,7 @@ def torch_load(path):
 
 
 def test_rounds_above_zero_need_the_confounders_stage(tmp_path):
-    cfg = compose_cfg(["experiment=synth_irnet", "round=1", *FAST], tmp_path)
+    cfg = compose_cfg(["experiment=synth", "conta=off", "round=1", *FAST], tmp_path)
     with pytest.raises(driver.PipelineError, match="confounders.*synth_conta"):
         driver.run_pipeline(cfg)
 

@@ -312,7 +312,7 @@ def test_a_rank_started_by_rank_zero_ends_with_it(tmp_path):
 def test_sharded_cue_summary_matches_a_single_process_run(tmp_path):
     """SEC's make_cues first in a DDP invocation: each rank writes and reads back half the cue
     files; the joined summary (counts, named examples) and the files equal one process's."""
-    base = ["experiment=synth_sec", "round=0", *TINY_SYNTH, *FAST_CAM]
+    base = ["experiment=synth", "method=sec", "conta=off", "round=0", *TINY_SYNTH, *FAST_CAM]
     stages = ["stages=[train_cam,make_cams,make_cues]"]
     done, _, _ = launch(tmp_path, *stages, base=base)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -12,7 +12,7 @@ from omegaconf import open_dict
 
 from src.pipeline import driver
 from src.pipeline.artifacts import MissingArtifactError, StageDir
-from src.pipeline.stages import STAGES
+from src.pipeline.registry import STAGES
 from src.train import train
 from tests.pipeline.conftest import ROUND0, copy_run
 

@@ -22,7 +22,7 @@ from src.datamodules import prepare_data
 from src.pipeline.driver import check_stages
 from src.pipeline.fingerprint import data_fingerprints
 from src.pipeline.hashing import plan_digests
-from src.pipeline.stages import STAGES
+from src.pipeline.registry import STAGES
 from tests.conftest import TINY_SYNTH, compose_cfg
 
 ALL = set(STAGES)
@@ -47,6 +47,7 @@ READS_TRAIN = {
     "make_cams",
     "make_ir_labels",
     "make_psa_labels",
+    "make_cam_masks",
     *AFFINITY_TRAINING,
     *WALK,
     "train_segmenter",
@@ -107,6 +108,7 @@ TABLE: list[tuple] = [
     ("cam.inference.*", {"make_cams"}),
     ("cam.net.*", {"train_cam", "make_cams", "make_cues"}),
     ("cam.module._target_", {"train_cam", "make_cams"}),
+    ("cam.eval.bg_threshold", {"eval_cams", "make_cam_masks"}),  # method=cam: its pseudo-masks
     ("cam.eval.*", {"eval_cams"}),
     ("cam.*", {"train_cam"}),
     ("affinity.ir_label.*", {"make_ir_labels"}),
@@ -240,10 +242,11 @@ def digests(cfg, stages):
         [],  # the default: synth_conta, three rounds
         ["experiment=voc_conta", "round=1"],
         ["experiment=coco_conta", "round=1", "trainer=ddp"],
-        ["experiment=synth_seam_conta"],
-        ["experiment=voc_seam_conta", "round=1"],
+        ["experiment=synth", "method=seam", "conta=on"],
+        ["experiment=voc", "method=seam", "conta=on", "round=1"],
         ["method=sec"],
-        ["method=dsrg", "data=voc", "scale=paper", "round=1"],
+        ["experiment=voc", "method=dsrg", "round=1"],
+        ["method=cam"],
     ],
     ids=[
         "synth_conta",
@@ -253,6 +256,7 @@ def digests(cfg, stages):
         "voc_seam_conta",
         "synth_sec_conta",
         "voc_dsrg_conta",
+        "synth_cam_conta",
     ],
 )
 def test_each_leaf_redoes_exactly_the_stages_it_can_change(overrides):

@@ -12,17 +12,16 @@ from scipy.ndimage import uniform_filter
 
 from src.datamodules import build_dataset
 from src.datamodules.palette import read_label_png
-from src.pipeline.stage import StageContext
-from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE
-from src.pipeline.stages.irnet import MASK_DIR, eval_pseudo
-from src.pipeline.stages.psa import (
-    LABEL_DIR,
-    PSA_STAGES,
+from src.methods.seam import (
     PSA_WEIGHTS,
+    STAGES,
     make_psa_labels,
     make_psa_pseudo_masks,
     train_psa_affinity,
 )
+from src.pipeline.stage import StageContext
+from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE
+from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, eval_pseudo
 from src.utils.weights import save_weights
 from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
 
@@ -41,7 +40,7 @@ def psa_cfg(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("psa")
     # Eight 64 px training images: one training step, one walk batch.
     small = [*TINY_SYNTH, "data.generator.num_train=8", "data.generator.num_val=2"]
-    cfg = compose_cfg(["experiment=synth_irnet", *small, *FAST_CAM, *FAST_PSA], tmp)
+    cfg = compose_cfg(["experiment=synth", "conta=off", *small, *FAST_CAM, *FAST_PSA], tmp)
     with open_dict(cfg):
         cfg.figure_images = 1
     return cfg
@@ -85,15 +84,15 @@ def test_three_stages_run_resume_and_feed_eval_pseudo(psa_cfg, inputs, tmp_path)
 
     labels_ctx = _ctx(psa_cfg, "make_psa_labels", tmp_path / "labels", {"cams": inputs["cams"]})
     result = make_psa_labels(labels_ctx)
-    assert result.artifacts == [LABEL_DIR] and result.metrics["resume"]["computed"] == n
+    assert result.artifacts == [AFFINITY_LABEL_DIR] and result.metrics["resume"]["computed"] == n
     assert result.metrics["foreground"] > 0 and result.metrics["background"] > 0
     for i, image_id in enumerate(dataset.ids):
-        label = read_label_png(labels_ctx.dir / LABEL_DIR / f"{image_id}.png")
+        label = read_label_png(labels_ctx.dir / AFFINITY_LABEL_DIR / f"{image_id}.png")
         keys = set(np.unique(dataset.load_mask(i))) - {0, 255}
         assert label.shape == dataset.load_mask(i).shape
         assert set(np.unique(label)) <= {0, 255} | keys
     # Resume: only the missing label is redone.
-    (labels_ctx.dir / LABEL_DIR / f"{dataset.ids[3]}.png").unlink()
+    (labels_ctx.dir / AFFINITY_LABEL_DIR / f"{dataset.ids[3]}.png").unlink()
     again = make_psa_labels(labels_ctx)
     assert again.metrics["resume"] == {"computed": 1, "reused": n - 1}
 
@@ -135,13 +134,13 @@ def test_walk_without_trained_weights_says_what_to_rerun(psa_cfg, inputs, tmp_pa
 def test_stage_declarations_cover_every_psa_setting(psa_cfg):
     """Each config key a stage declares exists, and every leaf of affinity=seam_cpu (method=seam) is hashed
     by some PSA stage, or is one of the settings that cannot change a result."""
-    assert [s.name for s in PSA_STAGES] == [
+    assert [s.name for s in STAGES] == [
         "make_psa_labels",
         "train_psa_affinity",
         "make_psa_pseudo_masks",
     ]
-    assert [s.produces for s in PSA_STAGES] == ["affinity_labels", "affinity", "pseudo_masks"]
-    declared = {k for s in PSA_STAGES for k in s.config_keys}
+    assert [s.produces for s in STAGES] == ["affinity_labels", "affinity", "pseudo_masks"]
+    declared = {k for s in STAGES for k in s.config_keys}
     for key in declared:
         if ":" not in key:
             assert OmegaConf.select(psa_cfg, key, default="MISSING") != "MISSING", key

@@ -37,7 +37,8 @@ from tests.conftest import FAST
 ROOT = Path(__file__).resolve().parents[2]
 # Round 0 of the IRNet baseline; one image per CAM batch so make_cams lasts long enough to be hit.
 ARGS = [
-    "experiment=synth_irnet",
+    "experiment=synth",
+    "conta=off",
     *FAST,
     "cam.inference.batch_size=1",
     "callbacks.rich_progress_bar=null",

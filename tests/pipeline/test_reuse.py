@@ -15,6 +15,7 @@ from omegaconf import open_dict
 
 from src.pipeline import driver, reuse
 from src.pipeline.artifacts import StageDir
+from src.pipeline.registry import STAGES
 from src.pipeline.reuse import (
     REUSE_PREFIX,
     StageRecord,
@@ -22,7 +23,6 @@ from src.pipeline.reuse import (
     pending_rescore,
     reuse_stage,
 )
-from src.pipeline.stages import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
 from tests.pipeline.conftest import ROUND0, copy_run

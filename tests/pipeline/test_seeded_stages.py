@@ -1,4 +1,4 @@
-"""Pieces of the seeded stages (src/pipeline/stages/seeded.py) on the tiny synthetic set: the cue
+"""Pieces of the seeded stages (src/methods/seeded.py) on the tiny synthetic set: the cue
 loader WithCues (cues flipped with the image), the cue grid and the pseudo-mask CRF job."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from PIL import Image
 
 from src.datamodules import build_dataset, prepare_data
 from src.datamodules.transforms import load_frame
-from src.models.backbone import ResNetBackbone
-from src.models.seeded import seeded_net
-from src.pipeline.artifacts import MissingArtifactError
-from src.pipeline.stages.seeded import (
+from src.methods.seeded import (
     WithCues,
     _crf_mask_job,
     cue_grid,
     joined_cue_stats,
     seeded_transform,
 )
+from src.models.backbone import ResNetBackbone
+from src.models.seeded import seeded_net
+from src.pipeline.artifacts import MissingArtifactError
 from src.postprocess.crf import CRFParams
 from src.postprocess.cues import CueStats, write_cues
 from tests.conftest import TINY_SYNTH, compose_cfg

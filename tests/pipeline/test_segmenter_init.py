@@ -15,7 +15,7 @@ from src.models.deeplab import balanced_class_weights
 from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.driver import PipelineError, check_stages
 from src.pipeline.stages.cam import WEIGHTS_FILE, read_weights
-from src.pipeline.stages.irnet import MASK_DIR
+from src.pipeline.stages.pseudo_masks import MASK_DIR
 from src.pipeline.stages.segmenter import fresh_segmenter_net
 
 

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.methods.irnet import AFFINITY_WEIGHTS
+from src.methods.seam import PSA_WEIGHTS
+from src.methods.seeded import SEEDED_WEIGHTS, build_seeded_module
 from src.pipeline.artifacts import MissingArtifactError
+from src.pipeline.stages.affinity import build_affinity_module
 from src.pipeline.stages.cam import (
     WEIGHTS_FILE,
     WeightsFileError,
@@ -19,9 +23,6 @@ from src.pipeline.stages.cam import (
     load_cam_classifier,
     read_weights,
 )
-from src.pipeline.stages.irnet import AFFINITY_WEIGHTS, build_affinity_module
-from src.pipeline.stages.psa import PSA_WEIGHTS
-from src.pipeline.stages.seeded import SEEDED_WEIGHTS, build_seeded_module
 from src.utils.errors import UserError
 from src.utils.weights import WEIGHTS_FORMAT, save_weights, tensor_digest
 from tests.conftest import TINY_SYNTH, compose_cfg

@@ -1,18 +1,17 @@
-"""The registry of stages the driver can run: the shared ones (classifier, scoring, segmenter,
-CONTA), IRNet's and, from their own modules, PSA's (method=seam) and SEC's / DSRG's (seeded.py)."""
+"""The shared stages, which name no method: the classifier and its CAMs, the pseudo-mask scores,
+the segmenter and CONTA's confounders. Each method's own stages live in its module under
+src/methods/; src/pipeline/registry.py joins both into the registry the driver runs."""
 
 from src.pipeline.stage import Stage
 from src.pipeline.stages.cam import eval_cams, make_cams, rescore_classifier, train_cam
 from src.pipeline.stages.conta import make_confounders
 from src.pipeline.stages.context import CONFOUNDER_STAGE
-from src.pipeline.stages.irnet import eval_pseudo, make_ir_labels, make_pseudo_masks, train_affinity
 from src.pipeline.stages.keys import CAM_NET as _CAM_NET
 from src.pipeline.stages.keys import CONTA_CLASSIFIER as _CONTA_CLASSIFIER
 from src.pipeline.stages.keys import NORMALISED as _NORMALISED
 from src.pipeline.stages.keys import TORCH as _TORCH
 from src.pipeline.stages.keys import TRAIN_IMAGES as _TRAIN_IMAGES
-from src.pipeline.stages.psa import PSA_STAGES
-from src.pipeline.stages.seeded import SEEDED_STAGES
+from src.pipeline.stages.pseudo_masks import eval_pseudo
 from src.pipeline.stages.segmenter import (
     crf_segmenter,
     eval_segmenter,
@@ -57,40 +56,6 @@ _CAM_INFERENCE = (
 # Scored on data.eval_split; the figure shows `figure_images` of them.
 _EVAL_IMAGES = ("data:eval_split", "data.format", "data.on_empty_label", "data.num_classes")
 _VAL_IMAGES = ("data:val_split", "data.format", "data.on_empty_label", "data.num_classes")
-_IR_LABELS = (
-    *_TRAIN_IMAGES,
-    "affinity.ir_label.fg_threshold",
-    "affinity.ir_label.bg_threshold",
-    "affinity.ir_label.crf",
-)
-# The module class (and how it is built) decides training and walk alike.
-_AFFINITY_MODULE = ("affinity.module._target_", "affinity.module._partial_")
-_AFFINITY_NET = (*_CAM_NET, "affinity.backbone_init", "affinity.net", *_AFFINITY_MODULE)
-_AFFINITY_TRAINING = (
-    *_TORCH,
-    *_TRAIN_IMAGES,
-    *_NORMALISED,
-    *_AFFINITY_NET,
-    "affinity.crop_size",
-    "affinity.scale_range",
-    "affinity.batch_size",
-    "affinity.max_epochs",
-    "affinity.module.radius",
-    "affinity.module.dp_lr_mult",
-    "affinity.optimizer",
-    "affinity.scheduler",
-)
-_RANDOM_WALK = (
-    *_TORCH,
-    *_TRAIN_IMAGES,
-    *_NORMALISED,
-    *_AFFINITY_NET,
-    "affinity.module.radius",
-    "affinity.module.beta",
-    "affinity.module.exp_times",
-    "affinity.module.walk_radius",
-    "affinity.module.bg_threshold",
-)
 _SEGMENTER_NET = (
     "data.num_classes",
     "segmenter.backbone",
@@ -119,126 +84,99 @@ _SEGMENTER_TRAINING = (
 )
 _SEGMENTER_INFERENCE = (*_TORCH, *_NORMALISED, *_SEGMENTER_NET)
 
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in [
-        Stage(
-            "train_cam",
-            train_cam,
-            _CAM_TRAINING,
-            produces="classifier",
-            previous_inputs=("confounders", "classifier"),
-            global_batch=("cam.batch_size",),
-            # The diagnostics of M (alpha, spread, logit share) are part of its results.
-            round_keys=(*_CONTA_CLASSIFIER, "conta.diagnostic_images"),
-            rescore=rescore_classifier,  # M's diagnostics: recomputed for a copy, not taken
+SHARED_STAGES: list[Stage] = [
+    Stage(
+        "train_cam",
+        train_cam,
+        _CAM_TRAINING,
+        produces="classifier",
+        previous_inputs=("confounders", "classifier"),
+        global_batch=("cam.batch_size",),
+        # The diagnostics of M (alpha, spread, logit share) are part of its results.
+        round_keys=(*_CONTA_CLASSIFIER, "conta.diagnostic_images"),
+        rescore=rescore_classifier,  # M's diagnostics: recomputed for a copy, not taken
+    ),
+    Stage(
+        "make_cams",
+        make_cams,
+        _CAM_INFERENCE,
+        produces="cams",
+        inputs=("classifier",),
+        previous_inputs=("confounders",),
+        round_keys=(*_CONTA_CLASSIFIER, "conta.figure_images"),
+    ),
+    Stage(
+        "eval_cams",
+        eval_cams,
+        (*_EVAL_IMAGES, "data.class_names", "cam.eval", "figure_images"),
+        inputs=("cams",),
+        reuse=False,  # scores only: recomputed, never copied
+    ),
+    Stage(
+        "eval_pseudo",
+        eval_pseudo,
+        (*_EVAL_IMAGES, "data.class_names", "figure_images"),
+        inputs=("pseudo_masks",),
+        optional_inputs=("affinity_labels",),  # the affinity nets' labels are scored too
+        reuse=False,  # scores only: recomputed, never copied
+    ),
+    Stage(
+        "train_segmenter",
+        train_segmenter,
+        _SEGMENTER_TRAINING,
+        produces="segmenter",
+        # classifier: read only with segmenter.backbone_init=cam.
+        optional_inputs=("pseudo_masks", "classifier"),
+        global_batch=("segmenter.batch_size", "segmenter.accumulate_grad_batches"),
+    ),
+    Stage(
+        "predict_segmenter",
+        predict_segmenter,
+        (
+            *_SEGMENTER_INFERENCE,
+            *_VAL_IMAGES,
+            "segmenter.inference.logits_dtype",
+            "segmenter.inference.logits_min_prob",
         ),
-        Stage(
-            "make_cams",
-            make_cams,
-            _CAM_INFERENCE,
-            produces="cams",
-            inputs=("classifier",),
-            previous_inputs=("confounders",),
-            round_keys=(*_CONTA_CLASSIFIER, "conta.figure_images"),
+        produces="segmentation",
+        inputs=("segmenter",),
+    ),
+    Stage(
+        "eval_segmenter",
+        eval_segmenter,
+        (*_VAL_IMAGES, "data.class_names", "figure_images"),
+        inputs=("segmentation",),
+        reuse=False,  # scores only: recomputed, never copied
+    ),
+    Stage(
+        "crf_segmenter",
+        crf_segmenter,
+        (
+            *_VAL_IMAGES,
+            "data.class_names",
+            "segmenter.crf",
+            "segmenter.crf_images",
+            "figure_images",
         ),
-        Stage(
-            "eval_cams",
-            eval_cams,
-            (*_EVAL_IMAGES, "data.class_names", "cam.eval", "figure_images"),
-            inputs=("cams",),
-            reuse=False,  # scores only: recomputed, never copied
+        inputs=("segmentation",),
+        rescore=rescore_crf,  # its masks copied, its score recomputed from them
+    ),
+    Stage(
+        CONFOUNDER_STAGE,
+        make_confounders,
+        (
+            *_SEGMENTER_INFERENCE,
+            *_TRAIN_IMAGES,
+            "data:val_split",  # M is built for the val images too
+            "data.name",  # recorded in the confounder file, checked when read
+            "conta.size",
+            "conta.prior",
+            "conta.mask_encoding",
+            "conta.context",
+            "conta.c_source",
+            "conta.m_source",
         ),
-        Stage(
-            "make_ir_labels",
-            make_ir_labels,
-            _IR_LABELS,
-            produces="affinity_labels",
-            inputs=("cams",),
-        ),
-        Stage(
-            "train_affinity",
-            train_affinity,
-            _AFFINITY_TRAINING,
-            produces="affinity",
-            inputs=("classifier", "affinity_labels"),
-            global_batch=("affinity.batch_size",),
-        ),
-        Stage(
-            "make_pseudo_masks",
-            make_pseudo_masks,
-            _RANDOM_WALK,
-            produces="pseudo_masks",
-            inputs=("classifier", "cams", "affinity"),
-        ),
-        Stage(
-            "eval_pseudo",
-            eval_pseudo,
-            (*_EVAL_IMAGES, "data.class_names", "figure_images"),
-            inputs=("pseudo_masks",),
-            optional_inputs=("affinity_labels",),  # IRNet/PSA: their labels are scored too
-            reuse=False,  # scores only: recomputed, never copied
-        ),
-        Stage(
-            "train_segmenter",
-            train_segmenter,
-            _SEGMENTER_TRAINING,
-            produces="segmenter",
-            # classifier: read only with segmenter.backbone_init=cam.
-            optional_inputs=("pseudo_masks", "classifier"),
-            global_batch=("segmenter.batch_size", "segmenter.accumulate_grad_batches"),
-        ),
-        Stage(
-            "predict_segmenter",
-            predict_segmenter,
-            (
-                *_SEGMENTER_INFERENCE,
-                *_VAL_IMAGES,
-                "segmenter.inference.logits_dtype",
-                "segmenter.inference.logits_min_prob",
-            ),
-            produces="segmentation",
-            inputs=("segmenter",),
-        ),
-        Stage(
-            "eval_segmenter",
-            eval_segmenter,
-            (*_VAL_IMAGES, "data.class_names", "figure_images"),
-            inputs=("segmentation",),
-            reuse=False,  # scores only: recomputed, never copied
-        ),
-        Stage(
-            "crf_segmenter",
-            crf_segmenter,
-            (
-                *_VAL_IMAGES,
-                "data.class_names",
-                "segmenter.crf",
-                "segmenter.crf_images",
-                "figure_images",
-            ),
-            inputs=("segmentation",),
-            rescore=rescore_crf,  # its masks copied, its score recomputed from them
-        ),
-        Stage(
-            CONFOUNDER_STAGE,
-            make_confounders,
-            (
-                *_SEGMENTER_INFERENCE,
-                *_TRAIN_IMAGES,
-                "data:val_split",  # M is built for the val images too
-                "data.name",  # recorded in the confounder file, checked when read
-                "conta.size",
-                "conta.prior",
-                "conta.mask_encoding",
-                "conta.context",
-                "conta.c_source",
-                "conta.m_source",
-            ),
-            produces="confounders",
-            inputs=("segmenter",),
-        ),
-        *PSA_STAGES,
-        *SEEDED_STAGES,
-    ]
-}
+        produces="confounders",
+        inputs=("segmenter",),
+    ),
+]

@@ -33,7 +33,7 @@ from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.sharding import run_image_jobs
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import load_classifier_backbone
-from src.pipeline.stages.irnet import MASK_DIR, evaluate_label_dirs, label_png_loader
+from src.pipeline.stages.pseudo_masks import MASK_DIR, evaluate_label_dirs, label_png_loader
 from src.postprocess.crf import CRFParams, crf_refine_logits
 from src.postprocess.logits_store import decode_logits
 from src.utils.untrusted import Source, read_npz

@@ -1,10 +1,11 @@
-"""PSA expansion stages (SEAM's pseudo-mask step, baselines.md §A5):
-make_psa_labels -> train_psa_affinity -> make_psa_pseudo_masks (-> eval_pseudo, shared).
+"""method=seam (Wang et al., CVPR 2020): SEAM's classifier (its recipe's cam config, trained by
+the shared train_cam) -> PSA's expansion (baselines.md §A5): make_psa_labels ->
+train_psa_affinity -> make_psa_pseudo_masks (-> eval_pseudo, shared).
 
-They mirror src/pipeline/stages/irnet.py (resumable per-image outputs, atomic writes, DDP
-barriers) and fill the same roles, so the shared readers (eval_pseudo, train_segmenter) take
-their outputs unchanged: the labels are `<dir>/ir_labels/<id>.png` (IR_LABEL_DIR, the
-affinity_labels layout eval_pseudo reads) and the pseudo-masks `<dir>/masks/<id>.png`.
+They mirror src/methods/irnet.py (resumable per-image outputs, atomic writes, DDP barriers) and
+fill the same roles, so the shared readers (eval_pseudo, train_segmenter) take their outputs
+unchanged: the labels are `<dir>/ir_labels/<id>.png` (AFFINITY_LABEL_DIR) and the pseudo-masks
+`<dir>/masks/<id>.png` (MASK_DIR).
 The weights file has its own name, so an IRNet walk handed PSA weights (or the reverse) stops
 with "missing" instead of a state-dict mismatch.
 """
@@ -26,21 +27,19 @@ from src.datamodules.validation import read_rgb
 from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
 from src.pipeline.runtime import barrier, build_trainer
 from src.pipeline.stage import Stage, StageContext, StageResult
-from src.pipeline.stages.cam import CAM_DIR, checked_high_res, load_cam, read_weights
-from src.pipeline.stages.irnet import (
-    IR_LABEL_DIR,
-    MASK_DIR,
+from src.pipeline.stages.affinity import ROLES as AFFINITY_ROLES
+from src.pipeline.stages.affinity import (
     build_affinity_module,
     collate_with_cams,
     fit_on_affinity_labels,
-    write_labels_from_cams,
 )
+from src.pipeline.stages.cam import CAM_DIR, checked_high_res, load_cam, read_weights
 from src.pipeline.stages.keys import CAM_NET, NORMALISED, TORCH, TRAIN_IMAGES
+from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, write_labels_from_cams
 from src.postprocess.crf import CRFParams
 from src.postprocess.psa_labels import make_psa_label, walk_input
 
 log = logging.getLogger(__name__)
-LABEL_DIR = IR_LABEL_DIR  # the affinity_labels layout: eval_pseudo reads it unchanged
 PSA_WEIGHTS = "psa_affinity_net.pt"
 
 
@@ -69,9 +68,11 @@ def make_psa_labels(ctx: StageContext) -> StageResult:
         low_alpha=opts.low_alpha,
         high_alpha=opts.high_alpha,
         crf=crf,
-        out_dir=ctx.dir / LABEL_DIR,
+        out_dir=ctx.dir / AFFINITY_LABEL_DIR,
     )
-    return write_labels_from_cams(ctx, dataset, LABEL_DIR, job, "affinity.psa_label.workers")
+    return write_labels_from_cams(
+        ctx, dataset, AFFINITY_LABEL_DIR, job, "affinity.psa_label.workers"
+    )
 
 
 # -- the affinity network ---------------------------------------------------------------------
@@ -148,7 +149,7 @@ def make_psa_pseudo_masks(ctx: StageContext) -> StageResult:
     return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
 
 
-# -- registry entries ---------------------------------------------------------------------------
+# -- what the method declares (src/methods/__init__.py) ---------------------------------------------------------------------------
 # What each stage's output depends on besides its inputs (src/pipeline/stages/keys.py). Not
 # hashed: psa_label.workers and inference_batch_size (the same result for any value).
 _PSA_LABELS = (
@@ -192,7 +193,8 @@ _PSA_WALK = (
     "affinity.module.bg_alpha",
 )
 
-PSA_STAGES = [
+ROLES = AFFINITY_ROLES
+STAGES = [
     Stage(
         "make_psa_labels",
         make_psa_labels,

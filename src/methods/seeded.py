@@ -1,4 +1,5 @@
-"""The stages of the seed-driven baselines (method=sec, method=dsrg; baselines.md A2-A4, A8).
+"""method=sec and method=dsrg (baselines.md A2-A4, A8): one family, the same three stages; the
+recipe (seeded/sec_<scale> or seeded/dsrg_<scale>: seeded.module) says which net trains.
 
 make_cues          cues: foreground from this round's CAMs (> 0.2 x max), background from the
                    classifier's gradient saliency (the 10 % least salient cells): no external
@@ -56,8 +57,8 @@ from src.pipeline.stages.cam import (
     read_weights,
 )
 from src.pipeline.stages.context import classifier_inference_set, previous_confounders
-from src.pipeline.stages.irnet import MASK_DIR
 from src.pipeline.stages.keys import CAM_NET, CONTA_CLASSIFIER, NORMALISED, TORCH, TRAIN_IMAGES
+from src.pipeline.stages.pseudo_masks import MASK_DIR
 from src.postprocess.crf import CRFParams, crf_probs
 from src.postprocess.cues import (
     CueStats,
@@ -368,7 +369,7 @@ def make_seeded_masks(ctx: StageContext) -> StageResult:
     return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
 
 
-# -- registry entries -----------------------------------------------------------------------------
+# -- what the family declares (src/methods/__init__.py) ------------------------------------------
 _CUES = (
     *TORCH,
     *TRAIN_IMAGES,
@@ -409,7 +410,12 @@ _SEEDED_MASKS = (
     "seeded.test_crf",
 )
 
-SEEDED_STAGES = [
+# The roles only this family's stages produce and read.
+ROLES = {
+    "cues": "SEC/DSRG localization cues on the seeded net's output grid (cues/<id>.npz)",
+    "seeded_net": "the trained SEC or DSRG network (seeded_net.pt)",
+}
+STAGES = [
     Stage(
         "make_cues",
         make_cues,
