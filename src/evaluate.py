@@ -21,11 +21,11 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from src.evaluation.report import load_results, print_results, update_results
-from src.pipeline.artifacts import MissingArtifactError, StageDir
+from src.pipeline.artifacts import StageDir
 from src.pipeline.plan import build_plan
 from src.pipeline.registry import ROLES, STAGES
 from src.pipeline.stage import StageContext
-from src.utils.errors import UserError
+from src.utils.errors import MissingArtifactError, UserError
 from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,8 @@ from omegaconf import DictConfig
 
 from src.pipeline.driver import run_pipeline
 from src.pipeline.preflight import run_preflight
-from src.pipeline.runtime import (
-    RankFailed,
-    end_distributed,
-    error_shown,
-    exit_with_rank_zero,
-)
 from src.utils.io import atomic_write_text, run_write_error
+from src.utils.ranks import RankFailed, end_distributed, error_shown, exit_with_rank_zero
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import HydraException
 
-from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.driver import check_stages, run_identity
 from src.pipeline.hashing import plan_digests
 from src.pipeline.plan import PipelineError
 from src.pipeline.stages.cam import WEIGHTS_FILE, build_cam_classifier, load_cam_classifier
+from src.utils.errors import MissingArtifactError
 from src.utils.weights import save_weights
 from tests.conftest import CONF_DIR, compose_cfg
 

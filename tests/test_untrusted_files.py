@@ -29,8 +29,9 @@ from src.models.deeplab import (
     load_segmenter,
     save_segmenter,
 )
-from src.pipeline.artifacts import MissingArtifactError, StageDir
+from src.pipeline.artifacts import StageDir
 from src.pipeline.stages.cam import WEIGHTS_FILE, load_cam, load_classifier_backbone
+from src.utils.errors import MissingArtifactError
 from src.utils.untrusted import Source, UntrustedFileError, read_npz
 from tests.conftest import predict_cli
 

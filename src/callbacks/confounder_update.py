@@ -26,7 +26,7 @@ from src.models.context import (
     build_confounders,
     resize_nearest,
 )
-from src.pipeline.runtime import run_on_rank_zero
+from src.utils.ranks import run_on_rank_zero
 
 log = logging.getLogger(__name__)
 

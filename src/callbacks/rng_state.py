@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from src.datamodules.datamodule import SeededSampler
+from src.datamodules.datamodule import SampleSeedSampler
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,10 @@ class RNGStateCheckpoint(L.Callback):
         # Lightning's own set_epoch (before this hook) is one ahead when a fit resumes from a
         # checkpoint taken at an epoch end under max_steps (train_segmenter): the resumed epoch
         # then replayed the next epoch's order and crops (found by bench/faults.py). The epoch
-        # the loop is in is what a seeded loader must draw from.
+        # the loop is in is what a training loader (its per-sample seeds) must draw from.
         for loader in _loaders(trainer.train_dataloader):
             for sampler in (getattr(loader, "sampler", None), _batch_sampler_sampler(loader)):
-                if isinstance(sampler, SeededSampler):
+                if isinstance(sampler, SampleSeedSampler):
                     sampler.set_epoch(trainer.current_epoch)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -3,9 +3,9 @@
 Stages pick the splits (``train_split``/``val_split``/``predict_split``); the data config only
 says where each split lives (see conf/data/*.yaml).
 
-Every training loader comes from ``training_loader``: its sampler (``SeededSampler``) shuffles
+Every training loader comes from ``training_loader``: its sampler (``SampleSeedSampler``) shuffles
 and pairs each index with the seed of that sample's augmentation, both a function of (base seed,
-epoch, index) computed in the main process; ``SeededDataset`` applies the seed. A sample's
+epoch, index) computed in the main process; ``SampleSeedDataset`` applies the seed. A sample's
 augmentation therefore does not depend on the number of workers, on persistent workers, on the
 DDP split or on a resume (Lightning restores the epoch and calls ``set_epoch``).
 """
@@ -170,7 +170,7 @@ def _seed_words(*words: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-class SeededSampler(Sampler[tuple[int, int]]):
+class SampleSeedSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, sample_seed)`` for every index of ``range(num_samples)``, shuffled (in
     order with ``shuffle=False``): the order a function of ``(seed, epoch)``, each index's
     augmentation seed a function of ``(seed, epoch, index)``.
@@ -207,8 +207,8 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return iter([(i, int(words[i])) for i in order])
 
 
-class SeededDataset(Dataset):
-    """Takes the ``(index, sample_seed)`` items of ``SeededSampler``: loads ``dataset[index]``
+class SampleSeedDataset(Dataset):
+    """Takes the ``(index, sample_seed)`` items of ``SampleSeedSampler``: loads ``dataset[index]``
     with every transform inside reseeded from ``sample_seed`` (``transforms.sample_seed``);
     a plain index loads without reseeding. Other attributes are the wrapped data set's."""
 
@@ -305,11 +305,11 @@ def training_loader(
     pin_memory: bool = False,
     seed: int | None = None,
 ) -> DataLoader:
-    """The DataLoader of every training stage: shuffled by a ``SeededSampler``, each sample
-    augmented from its own seed (``SeededDataset``), persistent workers when ``num_workers``."""
-    sampler = SeededSampler(len(dataset), seed=seed)  # type: ignore[arg-type]
+    """The DataLoader of every training stage: shuffled by a ``SampleSeedSampler``, each sample
+    augmented from its own seed (``SampleSeedDataset``), persistent workers when ``num_workers``."""
+    sampler = SampleSeedSampler(len(dataset), seed=seed)  # type: ignore[arg-type]
     return SeededLoader(
-        SeededDataset(dataset),
+        SampleSeedDataset(dataset),
         batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
@@ -484,9 +484,9 @@ class WSSSDataModule(L.LightningDataModule):
 
 __all__ = [
     "ExtraTarget",
-    "SeededDataset",
+    "SampleSeedDataset",
     "SeededLoader",
-    "SeededSampler",
+    "SampleSeedSampler",
     "WSSSDataModule",
     "build_dataset",
     "collate_same_size",

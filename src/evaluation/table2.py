@@ -471,7 +471,7 @@ def log_wandb(blocks: Sequence[Block], out_dir: Path, figure: Path | None = None
     imported here so that the table never needs it."""
     import wandb
 
-    from src.pipeline.runtime import wandb_logged_in
+    from src.utils.loggers import wandb_logged_in
 
     mode = "online" if wandb_logged_in() else "offline"
     run = wandb.init(

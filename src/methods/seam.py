@@ -24,8 +24,7 @@ from src.datamodules import build_dataset, eval_transform, train_transform
 from src.datamodules.datamodule import inference_loader
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
-from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
-from src.pipeline.runtime import barrier, build_trainer
+from src.pipeline.artifacts import missing_items, resume_counts
 from src.pipeline.stage import Stage, StageContext, StageResult
 from src.pipeline.stages.affinity import ROLES as AFFINITY_ROLES
 from src.pipeline.stages.affinity import (
@@ -36,8 +35,11 @@ from src.pipeline.stages.affinity import (
 from src.pipeline.stages.cam import CAM_DIR, checked_high_res, load_cam, read_weights
 from src.pipeline.stages.keys import CAM_NET, NORMALISED, TORCH, TRAIN_IMAGES
 from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, write_labels_from_cams
+from src.pipeline.trainers import build_trainer
 from src.postprocess.crf import CRFParams
 from src.postprocess.psa_labels import make_psa_label, walk_input
+from src.utils.errors import MissingArtifactError
+from src.utils.ranks import barrier
 
 log = logging.getLogger(__name__)
 PSA_WEIGHTS = "psa_affinity_net.pt"

@@ -38,15 +38,8 @@ from src.datamodules.validation import read_rgb
 from src.evaluation.figures import cue_figure
 from src.models.cam import strided_size
 from src.models.seeded_module import SeededModule, upsample_probs
-from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.artifacts import missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import (
-    barrier,
-    build_trainer,
-    global_rank,
-    log_figure,
-    run_on_rank_zero,
-)
 from src.pipeline.sharding import gather_over_ranks, my_share, run_image_jobs
 from src.pipeline.stage import Stage, StageContext, StageResult
 from src.pipeline.stages.cam import (
@@ -59,6 +52,7 @@ from src.pipeline.stages.cam import (
 from src.pipeline.stages.context import classifier_inference_set, previous_confounders
 from src.pipeline.stages.keys import CAM_NET, CONTA_CLASSIFIER, NORMALISED, TORCH, TRAIN_IMAGES
 from src.pipeline.stages.pseudo_masks import MASK_DIR
+from src.pipeline.trainers import build_trainer
 from src.postprocess.crf import CRFParams, crf_probs
 from src.postprocess.cues import (
     CueStats,
@@ -69,6 +63,9 @@ from src.postprocess.cues import (
     read_cues,
     write_cues,
 )
+from src.utils.errors import MissingArtifactError
+from src.utils.loggers import log_figure
+from src.utils.ranks import barrier, global_rank, run_on_rank_zero
 from src.utils.untrusted import Source, read_npz
 from src.utils.weights import save_weights
 
@@ -197,6 +194,7 @@ def _read_cues(cfg: DictConfig, cue_dir: Path, image_id: str, grid, labels=None)
         num_classes=int(cfg.data.num_classes),
         grid=grid,
         labels=labels,
+        producer="make_cues",  # named in every fix
     )
 
 

@@ -25,10 +25,6 @@ def is_temp_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
-class MissingArtifactError(FileNotFoundError):
-    """A stage's input artifact is missing or does not fit (another data set, split, size)."""
-
-
 @dataclass(frozen=True)
 class StageDir:
     """The folder of one stage of one round, and its completion marker."""

@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.datamodules.validation import DatasetError, check_file, check_root
 from src.pipeline.plan import PipelineError
-from src.pipeline.runtime import is_global_zero
 from src.pipeline.schema import check_config_types
 from src.utils.errors import UserError
+from src.utils.ranks import is_global_zero
 
 log = logging.getLogger(__name__)
 

@@ -41,20 +41,13 @@ from src.pipeline.reuse import (
     reuse_stage,
 )
 from src.pipeline.run_recipe import check_run_recipe, record_run_recipe
-from src.pipeline.runtime import (
-    barrier,
-    build_loggers,
-    configured_world_size,
-    finish_loggers,
-    is_global_zero,
-    log_metrics,
-    run_on_rank_zero,
-    start_ranks,
-)
 from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages.context import validate_conta
+from src.pipeline.trainers import configured_world_size, start_ranks
 from src.utils.io import atomic_write_json, atomic_write_text
+from src.utils.loggers import build_loggers, finish_loggers, log_metrics
+from src.utils.ranks import barrier, is_global_zero, run_on_rank_zero
 from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)
@@ -241,7 +234,7 @@ def _run_stage(
 
     # Every rank runs the stage (its trainers or its shards, src/pipeline/sharding.py, sync
     # them); rank 0 keeps the books in a settle rather than behind a bare barrier, so that when it
-    # fails every rank stops at once (runtime.ranks_settle) instead of waiting out the timeout.
+    # fails every rank stops at once (src.utils.ranks.ranks_settle) instead of waiting out the timeout.
     with stage_resources() as usage:
         result = execute()
     run_on_rank_zero(lambda: record(result, usage), f"round {round_idx}: {stage.name}")

@@ -30,8 +30,9 @@ from src.pipeline.artifacts import StageDir
 from src.pipeline.hashing import DATA_PREFIX
 from src.pipeline.plan import PipelineError, Plan
 from src.pipeline.projection import projected_hours
-from src.pipeline.runtime import configured_world_size, is_global_zero
+from src.pipeline.trainers import configured_world_size
 from src.utils.io import atomic_write_json, atomic_write_text
+from src.utils.ranks import is_global_zero
 from src.utils.untrusted import read_json_object
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ A sharded stage runs on every rank: each takes `my_share` of the images, runs it
 node's CPU pool (`rank_workers`) inside a settle (`StageContext.settle`, so a failing rank ends
 every rank at once), and the partial results are summed afterwards (torchmetrics states over
 `metric_group`, plain counts with `sum_over_ranks`). Before each stage the driver starts the
-configured ranks if no trainer has yet (`runtime.start_ranks`: a resume that begins at
+configured ranks if no trainer has yet (`trainers.start_ranks`: a resume that begins at
 crf_segmenter is shared too) and calls `prepare_shards`, so no collective is first made inside
 a settle.
 """

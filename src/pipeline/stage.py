@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-from src.pipeline.runtime import ranks_settle
+from src.utils.ranks import ranks_settle
 from src.utils.untrusted import describe
 
 log = logging.getLogger(__name__)

@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import median_filter
 
-from src.pipeline.artifacts import MissingArtifactError
+from src.utils.errors import MissingArtifactError
 from src.utils.io import atomic_write_bytes
 from src.utils.untrusted import Source, read_npz
 
-CUE_STAGE = "make_cues"  # the stage that writes the cue files, named in every fix
 OVERLAP_RULES = ("foreground", "both")
 # What write_cues stores: exactly these arrays, of these dtype kinds (read_npz's allow-list).
 CUE_ARRAYS = {"keys": "iu", "cues": "bu", "grid": "iu", "num_classes": "iu", "data_name": "U"}
@@ -428,7 +427,7 @@ def read_cues(
     num_classes: int,
     grid: Sequence[int],
     labels: Iterable[int] | np.ndarray | None = None,
-    producer: str = CUE_STAGE,
+    producer: str,
 ) -> np.ndarray:
     """One image's cues from ``write_cues``' file: bool (num_classes, gh, gw).
 

@@ -7,6 +7,10 @@ class UserError(Exception):
     its traceback."""
 
 
+class MissingArtifactError(FileNotFoundError):
+    """A stage's input artifact is missing or does not fit (another data set, split, size)."""
+
+
 USER_ERROR_EXIT = 2
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from omegaconf import ListConfig, OmegaConf
 
-CONTA_STAGE = "confounders"
+CONFOUNDER_STAGE = "confounders"
 
 
 def with_conta(stages: list[str], enabled: bool) -> ListConfig:
     """A method's stage list, plus the stage that builds round t's confounders under conta=on
     (a ListConfig: OmegaConf.resolve keeps only config nodes)."""
     stages = list(stages)
-    if bool(enabled) and CONTA_STAGE not in stages:
-        stages.append(CONTA_STAGE)
+    if bool(enabled) and CONFOUNDER_STAGE not in stages:
+        stages.append(CONFOUNDER_STAGE)
     return ListConfig(stages)
 
 

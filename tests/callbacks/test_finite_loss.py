@@ -46,7 +46,7 @@ def test_the_first_nan_loss_stops_the_fit_naming_the_stage_and_step(tmp_path):
 
 
 def test_every_training_trainer_guards_its_loss(tmp_path):
-    from src.pipeline.runtime import build_trainer
+    from src.pipeline.trainers import build_trainer
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(["callbacks=none"])

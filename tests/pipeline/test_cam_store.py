@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.stages.cam import CAM_LEVELS, cam_encoder, decode_cam, load_cam
+from src.utils.errors import MissingArtifactError
 from src.utils.io import atomic_save_npz
 
 

@@ -193,7 +193,7 @@ import sys
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from src.pipeline.runtime import RankFailed, error_shown, ranks_settle, run_on_rank_zero
+from src.utils.ranks import RankFailed, error_shown, ranks_settle, run_on_rank_zero
 
 
 def outcome(block):
@@ -270,7 +270,7 @@ def test_ranks_settle_on_two_gloo_ranks(tmp_path):
 WATCHED_CHILD = textwrap.dedent(
     """
     import time
-    from src.pipeline.runtime import exit_with_rank_zero
+    from src.utils.ranks import exit_with_rank_zero
     exit_with_rank_zero(poll_s=0.1)
     print("watching", flush=True)
     time.sleep(60)
@@ -279,7 +279,7 @@ WATCHED_CHILD = textwrap.dedent(
 FAKE_RANK_ZERO = textwrap.dedent(
     f"""
     import os, subprocess, sys, time
-    from src.pipeline.runtime import exit_with_rank_zero
+    from src.utils.ranks import exit_with_rank_zero
     exit_with_rank_zero()  # rank 0: notes its pid for its children
     child = subprocess.Popen(
         [sys.executable, "-c", {WATCHED_CHILD!r}],

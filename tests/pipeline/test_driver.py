@@ -11,9 +11,10 @@ import pytest
 from omegaconf import open_dict
 
 from src.pipeline import driver
-from src.pipeline.artifacts import MissingArtifactError, StageDir
+from src.pipeline.artifacts import StageDir
 from src.pipeline.registry import STAGES
 from src.train import train
+from src.utils.errors import MissingArtifactError
 from tests.pipeline.conftest import ROUND0, copy_run
 
 ALL = ROUND0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.pipeline.runtime import build_loggers, finish_loggers, log_figure, log_metrics
 from src.train import train
+from src.utils.loggers import build_loggers, finish_loggers, log_figure, log_metrics
 from tests.conftest import FAST, compose_cfg
 
 

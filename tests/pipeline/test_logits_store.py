@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.stages.segmenter import read_logits
 from src.postprocess.crf import crf_refine_logits
 from src.postprocess.logits_store import decode_logits, encode_logits
+from src.utils.errors import MissingArtifactError
 from src.utils.io import atomic_save_npz
 
 

@@ -124,7 +124,7 @@ def test_three_stages_run_resume_and_feed_eval_pseudo(psa_cfg, inputs, tmp_path)
 
 
 def test_walk_without_trained_weights_says_what_to_rerun(psa_cfg, inputs, tmp_path):
-    from src.pipeline.artifacts import MissingArtifactError
+    from src.utils.errors import MissingArtifactError
 
     ctx = _ctx(psa_cfg, "walk", tmp_path / "walk", {**inputs, "affinity": tmp_path})
     with pytest.raises(MissingArtifactError, match="train_psa_affinity"):

@@ -22,9 +22,9 @@ from src.methods.seeded import (
 )
 from src.models.backbone import ResNetBackbone
 from src.models.seeded import seeded_net
-from src.pipeline.artifacts import MissingArtifactError
 from src.postprocess.crf import CRFParams
 from src.postprocess.cues import CueStats, write_cues
+from src.utils.errors import MissingArtifactError
 from tests.conftest import TINY_SYNTH, compose_cfg
 
 

@@ -12,11 +12,11 @@ from omegaconf import open_dict
 
 from src.datamodules.palette import read_label_png
 from src.models.deeplab import balanced_class_weights
-from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.driver import PipelineError, check_stages
 from src.pipeline.stages.cam import WEIGHTS_FILE, read_weights
 from src.pipeline.stages.pseudo_masks import MASK_DIR
 from src.pipeline.stages.segmenter import fresh_segmenter_net
+from src.utils.errors import MissingArtifactError
 
 
 def _classifier_backbone(train_cam_dir: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ import torch
 from src.methods.irnet import AFFINITY_WEIGHTS
 from src.methods.seam import PSA_WEIGHTS
 from src.methods.seeded import SEEDED_WEIGHTS, build_seeded_module
-from src.pipeline.artifacts import MissingArtifactError
 from src.pipeline.stages.affinity import build_affinity_module
 from src.pipeline.stages.cam import (
     WEIGHTS_FILE,
@@ -23,7 +22,7 @@ from src.pipeline.stages.cam import (
     load_cam_classifier,
     read_weights,
 )
-from src.utils.errors import UserError
+from src.utils.errors import MissingArtifactError, UserError
 from src.utils.weights import WEIGHTS_FORMAT, save_weights, tensor_digest
 from tests.conftest import TINY_SYNTH, compose_cfg
 from tests.test_untrusted_files import _flip_a_weight_byte

@@ -15,7 +15,6 @@ from scipy.ndimage import median_filter
 from src.datamodules.transforms import frame_grid
 from src.models.cam import CAMNet, ContextInputError
 from src.models.context import ContextModule
-from src.pipeline.artifacts import MissingArtifactError
 from src.postprocess.cues import (
     CueStats,
     assemble_cues,
@@ -27,6 +26,7 @@ from src.postprocess.cues import (
     resize_to_grid,
     write_cues,
 )
+from src.utils.errors import MissingArtifactError
 
 TINY_BACKBONE = Path(__file__).resolve().parents[2] / "conf/backbone/resnet_tiny.yaml"
 NUM_CLASSES = 5  # background + 4
@@ -260,13 +260,29 @@ def test_write_read_round_trip(tmp_path):
         assert z["cues"].dtype == bool and z["cues"].shape == (3, 4, 5)
         assert z["grid"].tolist() == [4, 5] and int(z["num_classes"]) == NUM_CLASSES
         assert str(z["data_name"]) == "voc"
-    back = read_cues(path, data_name="voc", num_classes=NUM_CLASSES, grid=(4, 5), labels=[2, 4])
+    back = read_cues(
+        path,
+        data_name="voc",
+        num_classes=NUM_CLASSES,
+        grid=(4, 5),
+        labels=[2, 4],
+        producer="make_cues",
+    )
     assert back.dtype == bool and np.array_equal(back, cues)
     # without labels: no class check; an image with no class keeps its background
-    assert np.array_equal(read_cues(path, data_name="voc", num_classes=5, grid=(4, 5)), cues)
+    assert np.array_equal(
+        read_cues(path, data_name="voc", num_classes=5, grid=(4, 5), producer="make_cues"), cues
+    )
     empty = some_cues(labels=())
     write_cues(tmp_path / "e.npz", empty, [], data_name="voc", num_classes=NUM_CLASSES)
-    back = read_cues(tmp_path / "e.npz", data_name="voc", num_classes=5, grid=(4, 5), labels=[])
+    back = read_cues(
+        tmp_path / "e.npz",
+        data_name="voc",
+        num_classes=5,
+        grid=(4, 5),
+        labels=[],
+        producer="make_cues",
+    )
     assert np.array_equal(back, empty)
 
 
@@ -326,7 +342,14 @@ def test_bad_cue_file_is_refused_naming_the_file_and_the_fix(case, tmp_path):
     write_cues(path, some_cues(), [2, 4], data_name="voc", num_classes=NUM_CLASSES)
     tamper(path)
     with pytest.raises(MissingArtifactError) as err:
-        read_cues(path, data_name="voc", num_classes=NUM_CLASSES, grid=(4, 5), labels=[2, 4])
+        read_cues(
+            path,
+            data_name="voc",
+            num_classes=NUM_CLASSES,
+            grid=(4, 5),
+            labels=[2, 4],
+            producer="make_cues",
+        )
     text = str(err.value)
     assert str(path) in text and "make_cues (force=[make_cues])" in text
     assert message in text
@@ -337,7 +360,14 @@ def test_cue_file_checked_against_the_images_labels(tmp_path):
     write_cues(path, some_cues(), [2, 4], data_name="voc", num_classes=NUM_CLASSES)
     for labels in ([2], [2, 3, 4], [1, 2]):
         with pytest.raises(MissingArtifactError, match="other labels"):
-            read_cues(path, data_name="voc", num_classes=NUM_CLASSES, grid=(4, 5), labels=labels)
+            read_cues(
+                path,
+                data_name="voc",
+                num_classes=NUM_CLASSES,
+                grid=(4, 5),
+                labels=labels,
+                producer="make_cues",
+            )
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -4,8 +4,7 @@ src/methods/; src/pipeline/registry.py joins both into the registry the driver r
 
 from src.pipeline.stage import Stage
 from src.pipeline.stages.cam import eval_cams, make_cams, rescore_classifier, train_cam
-from src.pipeline.stages.conta import make_confounders
-from src.pipeline.stages.context import CONFOUNDER_STAGE
+from src.pipeline.stages.confounders import make_confounders
 from src.pipeline.stages.keys import CAM_NET as _CAM_NET
 from src.pipeline.stages.keys import CONTA_CLASSIFIER as _CONTA_CLASSIFIER
 from src.pipeline.stages.keys import NORMALISED as _NORMALISED
@@ -19,6 +18,7 @@ from src.pipeline.stages.segmenter import (
     rescore_crf,
     train_segmenter,
 )
+from src.utils.resolvers import CONFOUNDER_STAGE
 
 # What each stage's output depends on, besides its inputs (whose digests chain in). Exact: a key
 # here redoes the stage, a key missing from every list never does (tests/pipeline/test_hashes.py

@@ -18,10 +18,10 @@ from src.datamodules import build_dataset
 from src.datamodules.datamodule import training_loader
 from src.models.optim import momentum_of
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import build_trainer
 from src.pipeline.stage import StageContext
 from src.pipeline.stages.cam import load_classifier_backbone
 from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, label_png_loader
+from src.pipeline.trainers import build_trainer
 from src.utils.weights import save_weights
 
 # The role the family adds (src/pipeline/stage.py ROLES holds the shared ones).

@@ -21,15 +21,8 @@ from src.evaluation.figures import overlay_grid
 from src.models.cam import CAMClassifier, CAMNet
 from src.models.context import context_generator
 from src.models.optim import momentum_of
-from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.artifacts import missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import (
-    barrier,
-    build_trainer,
-    is_global_zero,
-    log_figure,
-    run_on_rank_zero,
-)
 from src.pipeline.sharding import metric_group, my_share
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.context import (
@@ -40,6 +33,10 @@ from src.pipeline.stages.context import (
     context_wrapper,
     previous_confounders,
 )
+from src.pipeline.trainers import build_trainer
+from src.utils.errors import MissingArtifactError
+from src.utils.loggers import log_figure
+from src.utils.ranks import barrier, is_global_zero, run_on_rank_zero
 from src.utils.untrusted import Source, UntrustedFileError, read_npz
 from src.utils.weights import load_weights, save_weights
 

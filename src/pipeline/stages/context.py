@@ -22,13 +22,11 @@ from src.models.context import (
     missing_ids,
     sample_in_frame,
 )
-from src.pipeline.artifacts import MissingArtifactError
-from src.pipeline.runtime import log_figure
 from src.pipeline.stage import StageContext
-from src.utils.resolvers import CONTA_STAGE
+from src.utils.errors import MissingArtifactError
+from src.utils.loggers import log_figure
 
 log = logging.getLogger(__name__)
-CONFOUNDER_STAGE = CONTA_STAGE  # the stage conta=on appends (conf/train.yaml `stages`)
 # The frame map places M under the augmented image (see sample_in_frame).
 FRAME_TARGETS = {"frame": ExtraTarget("float", load_frame)}
 

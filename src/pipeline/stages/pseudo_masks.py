@@ -15,11 +15,13 @@ from src.datamodules import build_dataset
 from src.datamodules.palette import read_label_png
 from src.evaluation.figures import overlay_grid
 from src.evaluation.metrics import SegmentationMetric
-from src.pipeline.artifacts import MissingArtifactError, resume_counts
-from src.pipeline.runtime import log_figure, run_on_rank_zero
+from src.pipeline.artifacts import resume_counts
 from src.pipeline.sharding import metric_group, my_share, run_image_jobs, sum_over_ranks
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import CAM_DIR
+from src.utils.errors import MissingArtifactError
+from src.utils.loggers import log_figure
+from src.utils.ranks import run_on_rank_zero
 
 log = logging.getLogger(__name__)
 MASK_DIR = "masks"  # <stage dir>/masks/<id>.png: pseudo-masks and segmenter predictions

@@ -27,15 +27,18 @@ from src.models.deeplab import (
     load_segmenter,
     save_segmenter,
 )
-from src.pipeline.artifacts import MissingArtifactError, missing_items, resume_counts
+from src.pipeline.artifacts import missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.runtime import barrier, build_trainer, log_figure
 from src.pipeline.sharding import run_image_jobs
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.cam import load_classifier_backbone
 from src.pipeline.stages.pseudo_masks import MASK_DIR, evaluate_label_dirs, label_png_loader
+from src.pipeline.trainers import build_trainer
 from src.postprocess.crf import CRFParams, crf_refine_logits
 from src.postprocess.logits_store import decode_logits
+from src.utils.errors import MissingArtifactError
+from src.utils.loggers import log_figure
+from src.utils.ranks import barrier
 from src.utils.untrusted import Source, read_npz
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from src.datamodules import WSSSDataModule, build_dataset, train_transform
-from src.datamodules.datamodule import SeededDataset, SeededSampler, training_loader
+from src.datamodules.datamodule import SampleSeedDataset, SampleSeedSampler, training_loader
 
 from .conftest import TINY
 
@@ -49,7 +49,7 @@ def test_augmentation_does_not_depend_on_the_workers(synth_cfg):
 
 
 def test_a_sample_s_crop_is_a_function_of_its_seed_alone(synth_cfg):
-    ds = SeededDataset(build_dataset(synth_cfg, "train", train_transform(24, seed=0)))
+    ds = SampleSeedDataset(build_dataset(synth_cfg, "train", train_transform(24, seed=0)))
     first = ds[(3, 1234)]["image"]
     ds[(5, 99)], ds[(3, 7)]  # other samples in between (a worker's history)
     assert torch.equal(ds[(3, 1234)]["image"], first)
@@ -60,15 +60,15 @@ def test_a_sample_s_crop_is_a_function_of_its_seed_alone(synth_cfg):
 
 
 def test_the_sampler_replays_an_epoch_from_its_number():
-    sampler = SeededSampler(10, seed=3)
+    sampler = SampleSeedSampler(10, seed=3)
     epoch0, epoch1 = list(sampler), list(sampler)  # without set_epoch: one epoch per pass
     assert sorted(i for i, _ in epoch0) == list(range(10))
     assert epoch0 != epoch1
     torch.manual_seed(123)  # the global RNG plays no part
-    resumed = SeededSampler(10, seed=3)
+    resumed = SampleSeedSampler(10, seed=3)
     resumed.set_epoch(1)
     assert list(resumed) == epoch1
-    assert list(SeededSampler(10, seed=4)) != epoch0
+    assert list(SampleSeedSampler(10, seed=4)) != epoch0
 
 
 def test_ddp_ranks_get_disjoint_shares_of_the_same_pairs():
@@ -76,12 +76,12 @@ def test_ddp_ranks_get_disjoint_shares_of_the_same_pairs():
     sampler's items on every rank and hands rank r its share: tuples pass through, and every
     rank's sampler (same stage seed, whatever its global RNG) builds the same list."""
     n, world = 24, 2
-    single = dict(SeededSampler(n, seed=11))
+    single = dict(SampleSeedSampler(n, seed=11))
     shares = []
     for rank in range(world):
         torch.manual_seed(rank)  # ranks' global RNGs may differ
         wrapper = DistributedSamplerWrapper(
-            SeededSampler(n, seed=11), num_replicas=world, rank=rank, shuffle=True, seed=0
+            SampleSeedSampler(n, seed=11), num_replicas=world, rank=rank, shuffle=True, seed=0
         )
         wrapper.set_epoch(0)
         shares.append(list(wrapper))

@@ -12,9 +12,11 @@ from src.callbacks.confounder_update import ConfounderUpdate
 from src.datamodules import build_dataset
 from src.evaluation.figures import overlay_grid
 from src.models.context import Confounders, build_confounders, resize_nearest
-from src.pipeline.runtime import build_trainer, log_figure, run_on_rank_zero
 from src.pipeline.stage import StageContext, StageResult
 from src.pipeline.stages.segmenter import full_image_loader, load_trained_segmenter
+from src.pipeline.trainers import build_trainer
+from src.utils.loggers import log_figure
+from src.utils.ranks import run_on_rank_zero
 
 log = logging.getLogger(__name__)
 
