@@ -7,7 +7,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test test-full preflight lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
+.PHONY: help install lock train test test-integration test-full preflight lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ train: install ## Default experiment (synth_conta, T=2) after its supervised bou
 	$(PY) train.py experiment=synth_supervised
 	$(PY) train.py $(ARGS)
 
-test: install ## Fast test suite (no slow or GPU tests)
-	$(PYTEST) -m "not slow and not gpu" $(ARGS)
+test: install ## Unit tests (no integration, slow or GPU tests); CI runs test-integration after it
+	$(PYTEST) -m "not integration and not slow and not gpu" $(ARGS)
+
+test-integration: install ## Integration tests: tiny pipelines, CLIs, DDP under gloo, SIGKILL resumes (no slow or GPU tests)
+	$(PYTEST) -m "integration and not slow and not gpu" $(ARGS)
 
 test-full: install ## Every test, slow ones included
 	$(PYTEST) $(ARGS)

@@ -19,6 +19,9 @@ from tests.conftest import FAST_AFFINITY, FAST_CAM, compose_cfg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import conta_vs_baseline as bench  # noqa: E402
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 def test_paired_gain_is_the_t_interval_of_the_differences():
     a, b = [0.50, 0.52, 0.47, 0.55, 0.49], [0.53, 0.52, 0.50, 0.58, 0.50]

@@ -12,6 +12,9 @@ from src.evaluate import EvaluationError, evaluate
 from src.utils.errors import UserError
 from tests.conftest import compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize(
     "split",

@@ -20,6 +20,9 @@ from src.models.deeplab import CheckpointError, DeepLabV2, save_segmenter
 from src.predict import PredictError, list_images, plan_outputs, predict
 from tests.conftest import predict_cli
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO_ROOT / "conf")
 NUM_CLASSES = 3

@@ -18,6 +18,9 @@ from src.pipeline.preflight import REPORT_FILE
 from src.train import train
 from tests.conftest import compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 VOC_SIZES = "preflight.split_sizes={train_aug:10582,train:1464,val:1449}"
 
 

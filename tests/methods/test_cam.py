@@ -19,6 +19,9 @@ from src.pipeline.stages.cam import load_cam
 from src.train import train
 from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 UP_TO_PSEUDO = "stages=[train_cam,make_cams,eval_cams,make_cam_masks,eval_pseudo]"
 
 

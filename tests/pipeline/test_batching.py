@@ -17,6 +17,9 @@ from src.pipeline.registry import STAGES
 from src.train import train
 from tests.conftest import FAST, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

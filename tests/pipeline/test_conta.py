@@ -23,6 +23,9 @@ from src.train import train
 from tests.conftest import FAST, compose_cfg
 from tests.pipeline.conftest import copy_run
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 def test_round_one_trains_the_classifier_with_the_round_zero_confounders(finished_run):
     cfg, results = finished_run

@@ -17,6 +17,9 @@ from src.pipeline.stages.segmenter import crf_subset
 from src.train import train
 from tests.pipeline.conftest import copy_run
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 def test_the_subset_spreads_evenly_and_is_checked():
     assert crf_subset(8, None) == list(range(8))

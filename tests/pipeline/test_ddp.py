@@ -18,6 +18,9 @@ import pytest
 from tests.conftest import FAST, FAST_CAM, TINY_SYNTH, compose_cfg
 from tests.pipeline.conftest import ROUND0
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["experiment=synth_conta", "round=0", *FAST, "callbacks.rich_progress_bar=null"]
 PER_IMAGE = {

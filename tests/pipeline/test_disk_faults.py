@@ -22,6 +22,9 @@ from src.train import train
 from src.utils.io import DiskWriteError
 from tests.conftest import FAST, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 ARGS = ["experiment=synth_cam", *FAST]  # train_cam -> make_cams -> eval_cams, seconds
 
 

@@ -17,6 +17,9 @@ from src.train import train
 from src.utils.errors import MissingArtifactError
 from tests.pipeline.conftest import ROUND0, copy_run
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 ALL = ROUND0
 
 

@@ -12,6 +12,9 @@ from src.train import train
 from src.utils.loggers import build_loggers, finish_loggers, log_figure, log_metrics
 from tests.conftest import FAST, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 def test_wandb_runs_offline_grouped_by_experiment(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -25,6 +25,9 @@ from src.pipeline.stages.cam import load_cam
 from src.train import train
 from tests.conftest import CONF_DIR, FAST_CAM, FAST_SEGMENTER, TINY_SYNTH, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 FAST_PSEUDO_MASKS = {
     "irnet": [
         "affinity.max_epochs=1",

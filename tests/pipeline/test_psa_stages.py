@@ -25,6 +25,9 @@ from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, eval_
 from src.utils.weights import save_weights
 from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 FAST_PSA = [
     "method=seam",
     "affinity.max_epochs=1",

@@ -34,6 +34,9 @@ from src.pipeline.stage import StageContext
 from src.pipeline.stages.cam import read_weights
 from tests.conftest import FAST
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 # Round 0 of the IRNet baseline; one image per CAM batch so make_cams lasts long enough to be hit.
 ARGS = [

@@ -27,6 +27,9 @@ from src.train import train
 from tests.conftest import FAST, compose_cfg
 from tests.pipeline.conftest import ROUND0, copy_run
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 BASELINE = [s for s in ROUND0 if s != "confounders"]  # conta=off's stages
 # Its stages that are copied; the others only score, and are recomputed from the copies.
 COPIED = [s for s in BASELINE if STAGES[s].reuse]

@@ -27,6 +27,9 @@ from src.postprocess.cues import CueStats, write_cues
 from src.utils.errors import MissingArtifactError
 from tests.conftest import TINY_SYNTH, compose_cfg
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):

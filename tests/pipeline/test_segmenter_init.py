@@ -18,6 +18,9 @@ from src.pipeline.stages.pseudo_masks import MASK_DIR
 from src.pipeline.stages.segmenter import fresh_segmenter_net
 from src.utils.errors import MissingArtifactError
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 def _classifier_backbone(train_cam_dir: Path) -> dict[str, torch.Tensor]:
     state = read_weights(train_cam_dir / WEIGHTS_FILE, "train_cam")

@@ -9,6 +9,9 @@ import pytest
 
 from src.pipeline.sharding import metric_group, my_share, rank_workers, sum_over_ranks
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 
 def test_one_process_is_the_whole_world():
     assert my_share(list("abcde")) == list("abcde")

@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import FAST_CAM, TINY_SYNTH
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

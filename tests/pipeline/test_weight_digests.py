@@ -27,6 +27,9 @@ from src.utils.weights import WEIGHTS_FORMAT, save_weights, tensor_digest
 from tests.conftest import TINY_SYNTH, compose_cfg
 from tests.test_untrusted_files import _flip_a_weight_byte
 
+# Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
+pytestmark = pytest.mark.integration
+
 # stage -> (method, weight file, the net that stage trains)
 KINDS = {
     "train_cam": ("irnet", WEIGHTS_FILE),
