@@ -1,4 +1,4 @@
-"""`hydra/sweeper=summary` (the default of conf/hydra/default.yaml): Hydra's basic sweeper that
+"""The sweeper of conf/hydra/default.yaml (`hydra.sweeper._target_`): Hydra's basic sweeper that
 lets every job of a sweep run whatever another job does, then writes the sweep's summary.
 
 Hydra's BasicSweeper raises the first failed job's exception after its batch (and so never runs
@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
@@ -155,12 +153,3 @@ class SummarySweeper(BasicSweeper):
                 f"{sweep_dir}` tabulates the finished ones):\n  " + "\n  ".join(lines)
             )
         return returns
-
-
-ConfigStore.instance().store(
-    group="hydra/sweeper",
-    name="summary",
-    node={"_target_": f"{__name__}.SummarySweeper", "max_batch_size": None, "params": None},
-    provider="conta",
-)
-assert issubclass(SummarySweeper, Sweeper)
