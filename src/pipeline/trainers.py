@@ -72,6 +72,7 @@ def build_trainer(
     """A fresh Trainer per stage (a Trainer reused after fit silently does nothing). A training
     trainer always stops at a non-finite loss (FiniteLoss), whatever `callbacks` says."""
     cbs = [*build_callbacks(cfg, stage_dir), FiniteLoss()] if training else _progress_only(cfg)
+    remove_hpc_checkpoints(stage_dir)
     return instantiate(
         cfg.trainer,
         default_root_dir=str(stage_dir),
@@ -81,6 +82,25 @@ def build_trainer(
         and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs),
         **overrides,
     )
+
+
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
+
+
+def remove_hpc_checkpoints(stage_dir: Path) -> None:
+    """Remove the checkpoints Lightning's SLURM auto-requeue wrote into this stage's folder.
+
+    In a job started by plain `sbatch` (no submitit), SLURM's SIGUSR1 reaches Lightning's own
+    handler (SLURMEnvironment, auto_requeue), which saves `hpc_ckpt_<n>.ckpt` into the trainer's
+    default_root_dir, the stage folder, and requeues the job. The rerun would then resume from
+    it whenever no ckpt_path is passed (Lightning picks it under SLURM), but it is taken
+    mid-epoch, where a resume cannot replay the uninterrupted run (src/callbacks/rng_state.py).
+    The stage resumes from its epoch-end last.ckpt instead (Stage.checkpoint_to_resume), so the
+    requeue is Lightning's and the resume exact. Under submitit (hydra/launcher=slurm), submitit
+    handles SIGUSR1 itself and Lightning writes none of these."""
+    for path in sorted(Path(stage_dir).glob(HPC_CHECKPOINTS)):
+        log.info("%s: a mid-epoch SLURM requeue checkpoint, not resumable exactly: removed", path)
+        path.unlink(missing_ok=True)
 
 
 def _progress_only(cfg: DictConfig) -> list[L.Callback]:
