@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -11,7 +10,13 @@ from omegaconf import DictConfig
 from src.pipeline.driver import run_pipeline
 from src.pipeline.preflight import run_preflight
 from src.utils.io import atomic_write_text, run_write_error
-from src.utils.ranks import RankFailed, end_distributed, error_shown, exit_with_rank_zero
+from src.utils.ranks import (
+    RankFailed,
+    end_distributed,
+    error_shown,
+    exit_with_rank_zero,
+    is_global_zero,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ def record_run_dir(cfg: DictConfig) -> None:
 
     job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     run_dir = Path(cfg.paths.run_dir).resolve()
-    if job_dir != run_dir and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if job_dir != run_dir and is_global_zero():
         atomic_write_text(job_dir / RUN_DIR_FILE, f"{run_dir}\n")
 
 

@@ -4,13 +4,14 @@ invocation runs on (started early when a sharded stage runs before any trainer).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.finite_loss import FiniteLoss
 
@@ -27,6 +28,19 @@ def start_ranks(cfg: DictConfig) -> None:
     trainer = _configured_trainer(cfg)
     if trainer is not None and trainer.world_size > 1:
         trainer.strategy.launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
+
+
+def ranks_started_outside(cfg: DictConfig) -> bool:
+    """Whether other ranks of this run were started beside this process rather than by it:
+    several nodes (`trainer.num_nodes` > 1: one process per node is started by whoever starts
+    the job), torchrun (RANK), srun with one task per rank (SLURM_NTASKS > 1). Such ranks run the
+    driver from its first line at the same time as rank 0, so the process group must exist
+    before the first rank-0 section (writing the config, preparing and fingerprinting the
+    data): without it they would not wait for rank 0 (see `run_pipeline`). Under Lightning's
+    launcher on one node, ranks 1.. start only once rank 0 has done those."""
+    env = os.environ
+    nodes = int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1)
+    return nodes > 1 or "RANK" in env or int(env.get("SLURM_NTASKS", 1)) > 1
 
 
 def configured_world_size(cfg: DictConfig) -> int:
