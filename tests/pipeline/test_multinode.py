@@ -19,14 +19,8 @@ from src.utils.ranks import global_rank
 from tests.conftest import FAST_CAM, TINY_SYNTH
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = [
-    "experiment=synth",
-    "conta=off",
-    *TINY_SYNTH,
-    *FAST_CAM,
-    "stages=[train_cam,make_cams,eval_cams,make_ir_labels]",
-    "affinity.ir_label.workers=2",  # per node
-]
+BASE = ["experiment=synth", "conta=off", *TINY_SYNTH, *FAST_CAM, "affinity.ir_label.workers=2"]
+ARGS = [*BASE, "stages=[train_cam,make_cams,eval_cams,make_ir_labels]"]
 NODES = ["trainer=ddp_cpu", "trainer.devices=1", "+trainer.num_nodes=2"]
 
 
@@ -40,14 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_nodes(root: Path, *extra: str) -> list[str]:
+def run_nodes(root: Path, *extra: str, base: list[str] = ARGS) -> list[str]:
     """One `python train.py` per node, started together; every one must succeed. Their logs."""
     port, procs = _free_port(), []
     for node in (0, 1):
         env = {**_env(root), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env["NODE_RANK"] = str(node)
         log = open(root / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
-        cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *NODES, *extra]
+        cmd = [sys.executable, str(ROOT / "train.py"), *base, *NODES, *extra]
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log), log))
     try:
         codes = [p.wait(timeout=900) for p, _ in procs]
@@ -102,6 +96,43 @@ def test_two_nodes_shard_like_one_process(tmp_path):
     again = {p.name: p.read_bytes() for p in (rdir / "make_ir_labels/ir_labels").glob("*.png")}
     assert again == labels and len(labels) == 24
     print("multi-node figures:", json.dumps({k: [single[k], nodes[k]] for k in ("cam_miou",)}))
+
+
+@pytest.mark.slow  # 3 min: two 2-rank runs
+def test_two_nodes_train_as_two_ranks_on_one_node(tmp_path):
+    """train_cam, make_cams and eval_cams on 2 nodes x 1 rank equal 1 node x 2 ranks (Lightning's
+    own launcher): the same world, so the same weights, tensor for tensor, and the same score."""
+    import torch
+
+    one, two = tmp_path / "one_node", tmp_path / "two_nodes"
+    one.mkdir(), two.mkdir()
+    stages = "stages=[train_cam,make_cams,eval_cams]"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *BASE, stages, "trainer=ddp_cpu"],
+        cwd=ROOT,
+        env=_env(one),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_nodes(two, stages, base=BASE)
+    a = torch.load(round_dir(one) / "train_cam/cam_net.pt", map_location="cpu")
+    b = torch.load(round_dir(two) / "train_cam/cam_net.pt", map_location="cpu")
+    a, b = (x.get("state_dict", x) for x in (a, b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert results(two)["cam_miou"] == results(one)["cam_miou"]
+    steps = json.loads((round_dir(two) / "train_cam/DONE.json").read_text())["metrics"]
+    print(
+        "multi-node training figures:",
+        json.dumps(
+            {
+                "tensors_equal": len(a),
+                "cam_miou": [results(one)["cam_miou"], results(two)["cam_miou"]],
+                "optimizer_steps": steps.get("optimizer_steps"),
+            }
+        ),
+    )
 
 
 @pytest.mark.parametrize(
