@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from src.train import SIGTERM_EXIT
-from tests.conftest import FAST_CAM
+from tests.conftest import FAST_CAM, FAST_SEGMENTER, TINY_SYNTH
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CAMS = 48  # make_cams: one file per train image
@@ -37,13 +37,13 @@ ARGS = [
 ]
 
 
-def _run(tmp: Path, signum: int | None = None, ready=None) -> tuple[int, bool]:
+def _run(tmp: Path, signum: int | None = None, ready=None, args=ARGS) -> tuple[int, bool]:
     """`python train.py ARGS` with outputs under tmp; with `signum`, that signal goes to its
     process group as soon as ready() holds. Returns (exit status, whether it was signalled)."""
     env = {**os.environ, "PROJECT_ROOT": str(tmp), "OMP_NUM_THREADS": "1"}
     with open(tmp / "train.out", "a") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *ARGS],
+            [sys.executable, str(ROOT / "train.py"), *args],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -63,8 +63,8 @@ def _run(tmp: Path, signum: int | None = None, ready=None) -> tuple[int, bool]:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _round(tmp: Path) -> Path:
-    return tmp / "outputs" / "synth_irnet" / "seed_0" / "round_0"
+def _round(tmp: Path, experiment: str = "synth_irnet") -> Path:
+    return tmp / "outputs" / experiment / "seed_0" / "round_0"
 
 
 def _done(tmp: Path, stage: str) -> dict:
@@ -125,6 +125,70 @@ def test_signals_mid_stage_lose_nothing(tmp_path):
         "compared": {"cam_net_tensors": len(a), "cam_files": len(cams), "ir_labels": 48},
     }
     print("preemption figures:", json.dumps(figures))  # pytest -s shows them
+
+
+SEGMENTER_ARGS = [
+    "experiment=synth",
+    "method=cam",
+    "conta=off",
+    *TINY_SYNTH,  # 24 train images: 3 steps an epoch at batch 8
+    *FAST_CAM,
+    *[o for o in FAST_SEGMENTER if not o.startswith(("conta.size", "segmenter.max_steps"))],
+    "segmenter.max_steps=9",  # 3 epochs
+    "stages=[train_cam,make_cams,eval_cams,make_cam_masks,eval_pseudo,train_segmenter,"
+    "predict_segmenter,eval_segmenter]",
+]
+
+
+@pytest.mark.slow  # 2 min: an uninterrupted run, then one stopped mid-train_segmenter
+def test_sigterm_mid_train_segmenter_loses_nothing(tmp_path):
+    ref, pre = tmp_path / "ref", tmp_path / "pre"
+    ref.mkdir(), pre.mkdir()
+    assert _run(ref, args=SEGMENTER_ARGS) == (0, False), (ref / "train.out").read_text()[-3000:]
+    stage = _round(pre, "synth_cam") / "train_segmenter"
+    ckpt = stage / "checkpoints" / "last.ckpt"
+    status, sent = _run(
+        pre, signal.SIGTERM, lambda: ckpt.is_file() and zipfile.is_zipfile(ckpt), SEGMENTER_ARGS
+    )
+    assert sent and status == SIGTERM_EXIT, (pre / "train.out").read_text()[-3000:]
+    assert not (stage / "DONE.json").exists()
+    assert _run(pre, args=SEGMENTER_ARGS) == (0, False), (pre / "train.out").read_text()[-3000:]
+
+    ref_stage = _round(ref, "synth_cam") / "train_segmenter"
+    done_ref = json.loads((ref_stage / "DONE.json").read_text())["metrics"]
+    done_pre = json.loads((stage / "DONE.json").read_text())["metrics"]
+    resume = done_pre.pop("resume")
+    assert done_ref.pop("resume") == {"resumed_from_step": 0, "steps": 9}
+    assert resume["resumed_from_step"] in (3, 6) and sum(resume.values()) == 9
+    assert done_pre == done_ref
+    a = torch.load(ref_stage / "segmenter.pt", map_location="cpu")
+    b = torch.load(stage / "segmenter.pt", map_location="cpu")
+    a, b = (x.get("state_dict", x) for x in (a, b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [
+        json.loads((r / "outputs/synth_cam/seed_0/results.json").read_text())["rounds"]["0"]
+        for r in (ref, pre)
+    ]
+    assert rows[0]["seg_miou"] == rows[1]["seg_miou"]
+    masks = sorted((_round(ref, "synth_cam") / "predict_segmenter" / "masks").glob("*.png"))
+    assert masks
+    for f in masks:
+        assert (
+            f.read_bytes()
+            == (_round(pre, "synth_cam") / "predict_segmenter/masks" / f.name).read_bytes()
+        )
+    print(
+        "preemption figures (train_segmenter):",
+        json.dumps(
+            {
+                **resume,
+                "of_steps": 9,
+                "tensors": len(a),
+                "masks": len(masks),
+                "seg_miou": [rows[0]["seg_miou"], rows[1]["seg_miou"]],
+            }
+        ),
+    )
 
 
 def test_a_trainer_removes_lightnings_mid_epoch_requeue_checkpoints(tiny_cfg, tmp_path):
