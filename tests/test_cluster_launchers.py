@@ -101,3 +101,30 @@ def test_two_submitit_local_jobs_run_and_report(tmp_path):
     table = (tmp_path / "rep" / "table2.md").read_text()
     assert "| synth | cam | conta=off runs, round 0 | 2 |" in table
     assert "Not in the table" not in table
+
+
+def test_a_job_killed_outright_is_listed_and_the_others_kept(tmp_path):
+    """Under `hydra/launcher=local` (submitit_local through the project's launcher class) a job
+    whose process is SIGKILLed leaves no result; the other jobs' results are still collected
+    and the summary names the killed one with submitit's error and its stderr file."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "killed_job_app.py"),
+        "-m",
+        "experiment=synth",
+        "seed=0,1,2",
+        "hydra/launcher=local",
+        "hydra.launcher.timeout_min=5",
+    ]
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "1 of 3 jobs failed" in done.stderr, done.stderr[-4000:]
+    sweep = tmp_path / "outputs" / "multirun" / "synth"
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["completed", "failed", "completed"]
+    for seed in (0, 2):
+        assert (sweep / "synth_irnet_conta" / f"seed_{seed}" / "ran.txt").is_file()
+    killed = jobs[1]
+    assert killed["job_dir"] == str(sweep / "synth_irnet_conta" / "seed_1")
+    assert killed["log"].endswith("_log.err") and Path(killed["log"]).is_file()
+    assert killed["error"].startswith(("UncompletedJobError", "FailedJobError")), killed

@@ -62,9 +62,11 @@ def job_record(ret: JobReturn, overrides: Sequence[str], num: int) -> dict[str, 
         "status": {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed"}.get(
             ret.status, "unknown"
         ),
-        "job_dir": None if ret.hydra_cfg is None else str(ret.hydra_cfg.hydra.runtime.output_dir),
+        # a job that left no result (submitit_launchers.py) carries these itself
+        "job_dir": getattr(ret, "job_dir", None)
+        or (None if ret.hydra_cfg is None else str(ret.hydra_cfg.hydra.runtime.output_dir)),
         "error": _error(ret),
-        "log": _log_file(ret),
+        "log": getattr(ret, "log_file", None) or _log_file(ret),
     }
 
 
