@@ -45,7 +45,12 @@ def _launcher(overrides: list[str]) -> dict:
 )
 def test_slurm_resources_come_from_the_trainer(overrides, expected):
     launcher = _launcher([*overrides, "hydra.launcher.partition=gpu"])
-    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["_target_"] == "hydra_plugins.conta_sweeper.submitit_launchers.SlurmLauncher"
+    from hydra_plugins.conta_sweeper.submitit_launchers import SlurmLauncher
+
+    # by name: Hydra's plugin scan loads plugin modules anew, so class identity does not hold
+    bases = {f"{c.__module__}.{c.__name__}" for c in SlurmLauncher.__mro__}
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in bases
     got = tuple(launcher[k] for k in ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task"))
     assert got == expected
     assert launcher["partition"] == "gpu"
