@@ -38,6 +38,7 @@ from src.utils.io import atomic_write_text
 from src.utils.untrusted import Source, conforms, describe, parse_json, read_text
 
 RUN_DIR_TXT = "run_dir.txt"  # written by every Hydra multirun job: the path of its run folder
+SWEEP_SUMMARY = "sweep_summary.json"  # written by the sweeper (hydra_plugins/conta_sweeper)
 TABLE_MD = "table2.md"
 TABLE_PNG = "table2.png"
 # (column, results.json round key); the paper's "Mask" is the pseudo-mask.
@@ -111,53 +112,101 @@ def _fail(paths: Iterable[Path], problem: str, fix: str) -> Table2Error:
     return Table2Error(f"{names}: {problem}. Fix: {fix}")
 
 
-def _run_dir_target(txt: Path) -> Path:
-    """The results.json a sweep job's run_dir.txt points at (relative paths from its folder)."""
+@dataclass(frozen=True)
+class Missing:
+    """A sweep job with no finished run: its folder, why, and where its log is (if known)."""
+
+    job: Path
+    reason: str
+    log: str | None = None
+
+
+def _run_dir_target(txt: Path) -> Path | Missing:
+    """The results.json a sweep job's run_dir.txt points at (relative paths from its folder);
+    a Missing when that run folder has none (the job failed or has not finished)."""
     # A regular file of one path: a device or FIFO under that name is refused, not read.
     text = read_text(Source(txt, "re-run that sweep job", Table2Error), limit=1 << 16).strip()
     if not text or "\n" in text or "\0" in text:
         raise _fail([txt], "does not hold one path", "re-run that sweep job")
     target = txt.parent / text  # an absolute `text` replaces the folder
     if not (target / RESULTS_JSON).is_file():
-        raise _fail(
-            [txt],
-            f"points at {target}, which has no {RESULTS_JSON} (the job did not finish)",
-            "re-run that job, or pass the other job folders instead of the sweep folder",
-        )
+        return Missing(txt.parent, f"the job did not finish: {target} has no {RESULTS_JSON}")
     return target / RESULTS_JSON
 
 
-def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
+def _sweep_failures(path: Path) -> list[Missing]:
+    """The failed jobs a sweep_summary.json (hydra_plugins/conta_sweeper) lists, checked as
+    untrusted input: {"jobs": [{"status", "job_dir", "error", "log", ...}, ...]}."""
+    src = Source(path, "re-run the sweep, or delete the file to tabulate without it", Table2Error)
+    obj = parse_json(read_text(src), src, "the file")
+    jobs = obj.get("jobs") if type(obj) is dict else None
+    if type(jobs) is not list or not all(type(j) is dict for j in jobs):
+        src.fail("is not a sweep summary (no 'jobs' list of objects)")
+    out = []
+    for j in jobs:
+        fields = {k: j.get(k) for k in ("status", "job_dir", "error", "log")}
+        if not all(v is None or type(v) is str for v in fields.values()):
+            src.fail(f"job {describe(j.get('num'))} has a field that is not a string")
+        if fields["status"] != "completed" and fields["job_dir"]:
+            reason = f"failed: {(fields['error'] or 'no error recorded')[:500]}"
+            out.append(Missing(Path(fields["job_dir"]), reason, fields["log"]))
+    return out
+
+
+def find_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Missing]]:
     """The results.json of every run under `dirs`: a run folder (results.json), a sweep job
-    folder (run_dir.txt), or any folder searched for both. The same file reached twice (a sweep
-    and its run folders) counts once; a folder with no run is an error, not an empty table."""
+    folder (run_dir.txt), or any folder searched for both; and the sweep jobs with no finished
+    run (a run_dir.txt whose run folder has no results.json, a failed job of a
+    sweep_summary.json), each once. The same file reached twice (a sweep and its run folders)
+    counts once; a folder with no finished run is an error, not an empty table."""
     # resolved path -> the path it was found as (an ordered set; errors name the found path,
     # not what a link resolves to)
     found: dict[Path, Path] = {}
+    missing: dict[Path, Missing] = {}
     for d in map(Path, dirs):
         if not d.is_dir():
             raise _fail([d], "is not a folder", "pass run folders or sweep folders")
-        here_found = 0
+        here_found, here_missing = 0, []
         for root, subdirs, files in os.walk(d):
             here = Path(root)
+            if SWEEP_SUMMARY in files:
+                for m in _sweep_failures(here / SWEEP_SUMMARY):
+                    missing.setdefault(m.job.resolve(), m)
             if RESULTS_JSON in files:
                 path = here / RESULTS_JSON
             elif RUN_DIR_TXT in files:
                 path = _run_dir_target(here / RUN_DIR_TXT)
+                if isinstance(path, Missing):
+                    here_missing.append(path)
+                    subdirs.clear()
+                    continue
             else:
                 subdirs.sort()
                 continue
             found.setdefault(path.resolve(), path)
             here_found += 1
             subdirs.clear()  # a run's or a job's folders hold no other run
+        for m in here_missing:  # a summary's entry (with its error and log) wins
+            missing.setdefault(m.job.resolve(), m)
         if not here_found:
+            if here_missing:
+                raise _fail(
+                    [m.job / RUN_DIR_TXT for m in here_missing],
+                    f"no job finished ({here_missing[0].reason})",
+                    "re-run those jobs, or pass the folders of finished ones",
+                )
             raise _fail(
                 [d],
                 f"holds no {RESULTS_JSON} and no {RUN_DIR_TXT}",
                 "pass a run folder (outputs/<experiment>/seed_<s>) or a sweep folder "
                 "(outputs/multirun/<name>) whose jobs have finished",
             )
-    return list(found.values())
+    return list(found.values()), list(missing.values())
+
+
+def find_results(dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The results.json of every finished run under `dirs` (see `find_runs`)."""
+    return find_runs(dirs)[0]
 
 
 # ----------------------------------------------------------------------------- checking runs
@@ -226,9 +275,16 @@ def read_run(path: str | os.PathLike) -> Run | None:
 
 
 def gather_runs(dirs: Sequence[str | os.PathLike]) -> list[Run]:
-    """Every run under `dirs`, checked; two files for one (data, method, conta, seed) are an
-    error: the table would silently average or drop one of them."""
-    runs = [run for run in map(read_run, find_results(dirs)) if run is not None]
+    """Every run under `dirs`, checked (see `gather_sweep`)."""
+    return gather_sweep(dirs)[0]
+
+
+def gather_sweep(dirs: Sequence[str | os.PathLike]) -> tuple[list[Run], list[Missing]]:
+    """Every finished run under `dirs`, checked, and the sweep jobs that did not finish; two
+    files for one (data, method, conta, seed) are an error: the table would silently average
+    or drop one of them."""
+    paths, missing = find_runs(dirs)
+    runs = [run for run in map(read_run, paths) if run is not None]
     by_id: dict[tuple, list[Path]] = {}
     for run in runs:
         by_id.setdefault((run.data, run.method, run.conta, run.seed), []).append(run.path)
@@ -240,7 +296,7 @@ def gather_runs(dirs: Sequence[str | os.PathLike]) -> list[Run]:
                 f"conta={'on' if conta else 'off'} seed={seed}",
                 "pass only the folders of one sweep, or remove the stale run",
             )
-    return runs
+    return runs, missing
 
 
 # ----------------------------------------------------------------------------- the table
@@ -409,13 +465,23 @@ _SUBSET_LEGEND = (
 )
 
 
-def render_markdown(blocks: Sequence[Block]) -> str:
+def render_missing(missing: Sequence[Missing]) -> list[str]:
+    """The section under the table naming the sweep jobs it lacks (their seeds are not in n)."""
+    if not missing:
+        return []
+    lines = ["", f"## Not in the table: {len(missing)} sweep job(s) without a finished run", ""]
+    for m in sorted(missing, key=lambda m: str(m.job)):
+        lines.append(f"- {m.job}: {m.reason}" + (f" (log: {m.log})" if m.log else ""))
+    return lines
+
+
+def render_markdown(blocks: Sequence[Block], missing: Sequence[Missing] = ()) -> str:
     lines = ["# Table 2: baselines with and without CONTA", ""]
     lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(blocks)]
     arms = [a for b in blocks for a in (b.baseline, b.conta) if a is not None]
     legend = [_LEGEND] + ([_SUBSET_LEGEND] if any(map(_crf_subset, arms)) else [])
-    return "\n".join([*lines, "", *legend]) + "\n"
+    return "\n".join([*lines, "", *legend, *render_missing(missing)]) + "\n"
 
 
 # ----------------------------------------------------------------------------- figure, W&B
@@ -491,8 +557,9 @@ def write_report(
 ) -> tuple[str, dict[str, Path]]:
     """Gather, check and tabulate the runs under `dirs`; write table2.md and table2.png to
     `out_dir`. Returns the markdown and the written files."""
-    blocks = build_table(gather_runs(dirs))
-    text = render_markdown(blocks)
+    runs, missing = gather_sweep(dirs)
+    blocks = build_table(runs)
+    text = render_markdown(blocks, missing)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / TABLE_MD, text)

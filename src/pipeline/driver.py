@@ -44,7 +44,7 @@ from src.pipeline.run_recipe import check_run_recipe, record_run_recipe
 from src.pipeline.sharding import prepare_shards
 from src.pipeline.stage import Stage, StageContext
 from src.pipeline.stages.context import validate_conta
-from src.pipeline.trainers import configured_world_size, start_ranks
+from src.pipeline.trainers import configured_world_size, ranks_started_outside, start_ranks
 from src.utils.io import atomic_write_json, atomic_write_text
 from src.utils.loggers import build_loggers, finish_loggers, log_metrics
 from src.utils.ranks import barrier, is_global_zero, run_on_rank_zero
@@ -73,6 +73,8 @@ def check_stages(cfg: DictConfig) -> Plan:
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run (or resume) rounds 0..cfg.round; returns the results dict written to results.json."""
     run_dir = Path(cfg.paths.run_dir).resolve()
+    if ranks_started_outside(cfg):  # several nodes, torchrun, srun: every rank is here already
+        start_ranks(cfg)
     plan = check_stages(cfg)
     if cfg.round < 0:
         raise PipelineError(f"round={cfg.round} must be >= 0")

@@ -4,13 +4,14 @@ invocation runs on (started early when a sharded stage runs before any trainer).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.finite_loss import FiniteLoss
 
@@ -27,6 +28,19 @@ def start_ranks(cfg: DictConfig) -> None:
     trainer = _configured_trainer(cfg)
     if trainer is not None and trainer.world_size > 1:
         trainer.strategy.launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
+
+
+def ranks_started_outside(cfg: DictConfig) -> bool:
+    """Whether other ranks of this run were started beside this process rather than by it:
+    several nodes (`trainer.num_nodes` > 1: one process per node is started by whoever starts
+    the job), torchrun (RANK), srun with one task per rank (SLURM_NTASKS > 1). Such ranks run the
+    driver from its first line at the same time as rank 0, so the process group must exist
+    before the first rank-0 section (writing the config, preparing and fingerprinting the
+    data): without it they would not wait for rank 0 (see `run_pipeline`). Under Lightning's
+    launcher on one node, ranks 1.. start only once rank 0 has done those."""
+    env = os.environ
+    nodes = int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1)
+    return nodes > 1 or "RANK" in env or int(env.get("SLURM_NTASKS", 1)) > 1
 
 
 def configured_world_size(cfg: DictConfig) -> int:
@@ -72,6 +86,7 @@ def build_trainer(
     """A fresh Trainer per stage (a Trainer reused after fit silently does nothing). A training
     trainer always stops at a non-finite loss (FiniteLoss), whatever `callbacks` says."""
     cbs = [*build_callbacks(cfg, stage_dir), FiniteLoss()] if training else _progress_only(cfg)
+    remove_hpc_checkpoints(stage_dir)
     return instantiate(
         cfg.trainer,
         default_root_dir=str(stage_dir),
@@ -81,6 +96,25 @@ def build_trainer(
         and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs),
         **overrides,
     )
+
+
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
+
+
+def remove_hpc_checkpoints(stage_dir: Path) -> None:
+    """Remove the checkpoints Lightning's SLURM auto-requeue wrote into this stage's folder.
+
+    In a job started by plain `sbatch` (no submitit), SLURM's SIGUSR1 reaches Lightning's own
+    handler (SLURMEnvironment, auto_requeue), which saves `hpc_ckpt_<n>.ckpt` into the trainer's
+    default_root_dir, the stage folder, and requeues the job. The rerun would then resume from
+    it whenever no ckpt_path is passed (Lightning picks it under SLURM), but it is taken
+    mid-epoch, where a resume cannot replay the uninterrupted run (src/callbacks/rng_state.py).
+    The stage resumes from its epoch-end last.ckpt instead (Stage.checkpoint_to_resume), so the
+    requeue is Lightning's and the resume exact. Under submitit (hydra/launcher=slurm), submitit
+    handles SIGUSR1 itself and Lightning writes none of these."""
+    for path in sorted(Path(stage_dir).glob(HPC_CHECKPOINTS)):
+        log.info("%s: a mid-epoch SLURM requeue checkpoint, not resumable exactly: removed", path)
+        path.unlink(missing_ok=True)
 
 
 def _progress_only(cfg: DictConfig) -> list[L.Callback]:

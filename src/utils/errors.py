@@ -17,7 +17,9 @@ USER_ERROR_EXIT = 2
 def exit_on_user_error(main):
     """Wrap an entry point's task function: a UserError is logged as one line (no traceback)
     and exits with status 2. In a Hydra multirun the error is re-raised instead, so the
-    launcher records that job as failed the way it records any other."""
+    launcher records that job as failed the way it records any other; there a SystemExit with
+    a non-zero status (a failure already logged, e.g. by another DDP rank) becomes a JobFailed,
+    because Hydra's run_job catches Exception only and a SystemExit would end the whole sweep."""
     import functools
     import logging
 
@@ -26,12 +28,26 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
-
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if _multirun():
                 raise
             logging.getLogger(main.__module__).error("%s: %s", type(error).__name__, error)
             raise SystemExit(USER_ERROR_EXIT) from None
+        except SystemExit as error:
+            if error.code in (None, 0) or not _multirun():
+                raise
+            raise JobFailed(
+                f"the job exited with status {error.code}; its log has the error"
+            ) from None
 
     return wrapped
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class JobFailed(RuntimeError):
+    """A sweep job that exited with a non-zero status (see `exit_on_user_error`)."""

@@ -17,10 +17,21 @@ log = logging.getLogger(__name__)
 
 
 def global_rank() -> int:
+    """This process's rank; before the process group exists, from the launcher's variables:
+    RANK (torchrun), SLURM_PROCID (srun, one task per rank), or Lightning's own launcher's
+    LOCAL_RANK and NODE_RANK (its children have LOCAL_RANK; the process started on node n > 0
+    has NODE_RANK = n and no LOCAL_RANK). Without the node's process count the last case is
+    exact only as to being zero or not, which is what `is_global_zero` needs."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    # Lightning's subprocess launcher sets these before the process group exists.
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    local = int(env.get("LOCAL_RANK", 0))
+    if "LOCAL_RANK" not in env and int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
+    return node * int(env.get("LOCAL_WORLD_SIZE", 1)) + local if node else local
 
 
 def is_global_zero() -> bool:

@@ -342,3 +342,42 @@ def test_an_oversized_or_non_utf8_results_json_names_the_file(tmp_path, monkeypa
     path.write_text('{"rounds": {}}')
     with pytest.raises(Table2Error, match=r"results.json: is 14 bytes, more than the 8"):
         gather_runs([tmp_path])
+
+
+def test_unfinished_and_failed_jobs_are_listed_under_the_table(tmp_path):
+    """The finished runs are tabulated; a job whose run folder has no results.json and a job
+    the sweep summary lists as failed (with its error and log) are named under the table."""
+    sweep = make_sweep(tmp_path, methods=("irnet",), arms=(False,))
+    (sweep / "9").mkdir()
+    (sweep / "9" / "run_dir.txt").write_text(str(tmp_path / "runs" / "never") + "\n")
+    summary = {
+        "jobs": [
+            {
+                "num": 10,
+                "overrides": ["seed=3"],
+                "status": "failed",
+                "job_dir": str(sweep / "10"),
+                "error": "FileExistsError: seed_3",
+                "log": str(sweep / "10" / "train.log"),
+            },
+            {
+                "num": 0,
+                "overrides": ["seed=0"],
+                "status": "completed",
+                "job_dir": str(sweep / "0"),
+                "error": None,
+                "log": None,
+            },
+        ]
+    }
+    (sweep / "sweep_summary.json").write_text(json.dumps(summary))
+    text, _ = write_report([sweep], tmp_path / "out")
+    assert "| synth | irnet | conta=off runs, round 0 | 3 |" in text
+    assert "Not in the table: 2 sweep job(s)" in text
+    assert f"- {sweep / '9'}: the job did not finish: " in text
+    assert (
+        f"- {sweep / '10'}: failed: FileExistsError: seed_3 (log: {sweep / '10'}/train.log)" in text
+    )
+    (sweep / "sweep_summary.json").write_text('{"jobs": [{"status": 1}]}')
+    with pytest.raises(Table2Error, match="not a string"):
+        write_report([sweep], tmp_path / "out")
