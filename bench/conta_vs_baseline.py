@@ -55,6 +55,10 @@ ABLATIONS = {
     "paper": ["conta.context=paper", "conta.inject_at=layer4_out"],
     "gt_c": ["conta.c_source=gt"],  # C and m from the ground truth: the ceiling
     "shuffled_m": ["conta.m_source=shuffled"],  # another image's m: must not help
+    # C without class information: every c_i = the mean of C (alpha uniform, one M for all)
+    "mean_c": ["conta.c_source=mean"],
+    # No per-image attention: alpha = P(c) whatever m (one M for every image, C kept)
+    "prior_attention": ["conta.attention=prior"],
     "zero_m": ["conta.ablate=zero_m"],  # M forced to zero: must equal round 0
     "inject_layer4_out": ["conta.inject_at=layer4_out"],
     "post_conv_3x3": ["conta.inject_at=layer4_out", "conta.post_concat_conv=3x3"],
