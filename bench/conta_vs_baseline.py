@@ -1,6 +1,6 @@
 """The experiment that shows the method: synth_conta over several seeds, per round, plus variants.
 
-    python bench/conta_vs_baseline.py [--data synth] [--confounder layout|texture|both]
+    python bench/conta_vs_baseline.py [--data synth] [--confounder layout|texture|both|twins]
                                       [--seeds 0 1 2 3 4] [--rounds 1] [--ablation-rounds 1]
                                       [--ablations paper gt_c shuffled_m ...] [--jobs 2]
                                       [--name RUN] [key=value ...]
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument(
         "--confounder",
         default="layout",
-        choices=["layout", "texture", "both"],
+        choices=["layout", "texture", "both", "twins"],
         help="generated sets only (data configs with a generator)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
