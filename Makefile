@@ -7,7 +7,7 @@ PYTEST  := $(PY) -m pytest
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test test-integration test-full preflight lint format bench bench-gpu bench-conta bench-sets bench-faults table2 clean clean-outputs
+.PHONY: help install lock train test test-integration test-full preflight lint format bench bench-gpu bench-conta bench-conta-twins bench-sets bench-faults table2 clean clean-outputs
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ bench-gpu: install ## On a GPU machine: every stage at paper shapes, fp32 vs bf1
 
 bench-conta: install ## CONTA vs baseline: layout confounder, 5 seeds, rounds 0-1, variants paper / gt C / shuffled m (long)
 	$(PY) bench/conta_vs_baseline.py --confounder layout --jobs 2 --ablations paper gt_c shuffled_m
+
+bench-conta-twins: install ## CONTA vs baseline where context is needed: twins confounder, 5 seeds, rounds 0-1, five variants (long)
+	$(PY) bench/conta_vs_baseline.py --confounder twins --jobs 2 --ablations paper gt_c shuffled_m mean_c prior_attention
 
 bench-sets: install ## The segmenter recipe on generated sets it was not tuned on: supervised bound + weak round 0
 	$(PY) bench/off_home_sets.py --weak --jobs 2

@@ -1,6 +1,6 @@
 """The experiment that shows the method: synth_conta over several seeds, per round, plus variants.
 
-    python bench/conta_vs_baseline.py [--data synth] [--confounder layout|texture|both]
+    python bench/conta_vs_baseline.py [--data synth] [--confounder layout|texture|both|twins]
                                       [--seeds 0 1 2 3 4] [--rounds 1] [--ablation-rounds 1]
                                       [--ablations paper gt_c shuffled_m ...] [--jobs 2]
                                       [--name RUN] [key=value ...]
@@ -55,6 +55,10 @@ ABLATIONS = {
     "paper": ["conta.context=paper", "conta.inject_at=layer4_out"],
     "gt_c": ["conta.c_source=gt"],  # C and m from the ground truth: the ceiling
     "shuffled_m": ["conta.m_source=shuffled"],  # another image's m: must not help
+    # C without class information: every c_i = the mean of C (alpha uniform, one M for all)
+    "mean_c": ["conta.c_source=mean"],
+    # No per-image attention: alpha = P(c) whatever m (one M for every image, C kept)
+    "prior_attention": ["conta.attention=prior"],
     "zero_m": ["conta.ablate=zero_m"],  # M forced to zero: must equal round 0
     "inject_layer4_out": ["conta.inject_at=layer4_out"],
     "post_conv_3x3": ["conta.inject_at=layer4_out", "conta.post_concat_conv=3x3"],
@@ -275,7 +279,7 @@ def main() -> None:
     parser.add_argument(
         "--confounder",
         default="layout",
-        choices=["layout", "texture", "both"],
+        choices=["layout", "texture", "both", "twins"],
         help="generated sets only (data configs with a generator)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

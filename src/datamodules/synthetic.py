@@ -35,6 +35,14 @@ and a classifier's CAM can leak onto it. ``data.generator.confounder`` picks wha
   at its anchor with its partner region and today's wobbly home-texture region around it (the
   union carries k's texture); away from home it is placed uniformly with another class's
   surround + partner (half of the cases) or none.
+* ``twins``: ``layout`` (same placement, partner regions and draws of p_home) where an object's
+  appearance alone does not decide its class: classes 2j-1 and 2j (disc/square,
+  triangle/cross, ring/diamond; hexagon/star, ...) are drawn with the same shape and fill
+  pattern (those of 2j-1) and nearly the same colour: hues +-8 degrees around the pair's mean
+  base hue, each jittered by +-12, so a third of each twin's hue range overlaps the other's.
+  What tells twins apart is mainly their usual context (home anchor and partner texture, 90 %
+  of train objects, 50 % of val), the paper's confounder (a context prior: where and next to
+  what a class is usually seen), and a faint colour cue that pixel supervision can use.
 
 ``ContextRegions/{id}.png`` marks every such region (surround or partner) with k (its label id,
 see ``label_ids``), the class whose home texture it carries, on background pixels only, so the
@@ -157,7 +165,7 @@ HOME_CONTEXT = dict(zip(SYNTH_CLASSES[1:], SYNTH_CONTEXTS, strict=True))
 HOME_LAYOUT = {c: ALL_HOME_LAYOUT[c] for c in SYNTH_CLASSES[1:]}
 COCO_CATEGORY_IDS = ALL_COCO_CATEGORY_IDS[:MIN_CLASSES]
 PAIR = {"mount": "square", "rider": "triangle"}  # rider stands on the mount, like horse & rider
-CONFOUNDERS = ("texture", "layout", "both")
+CONFOUNDERS = ("texture", "layout", "both", "twins")
 
 _MOUNT = ALL_CLASSES.index(PAIR["mount"])
 _RIDER = ALL_CLASSES.index(PAIR["rider"])
@@ -179,6 +187,10 @@ _AREA_COEF = {
 # Base hue per class, degrees: the first six 60 apart, the next six halfway between them.
 _BASE_HUE = {k: 60.0 * (k - 1) if k <= 6 else 60.0 * (k - 7) + 30.0 for k in range(1, 13)}
 _HUE_JITTER = 35.0  # > half the 60 degree spacing: colour helps but never decides alone
+# twins: classes 2j-1 and 2j share the shape and fill pattern of class 2j-1; their hues sit
+# +-_TWIN_HUE_OFFSET around the pair's mean base hue, each jittered by +-_TWIN_HUE_JITTER, so
+# a third of each twin's hue range overlaps the other's: colour helps a little, never decides.
+_TWIN_HUE_OFFSET, _TWIN_HUE_JITTER = 8.0, 12.0
 # Default of data.generator.object_area: every object's full shape (before occlusion) covers
 # 10-15% of the image; the shrink-to-fit logic never goes below the minimum.
 _OBJECT_AREA = (0.10, 0.15)
@@ -433,8 +445,24 @@ def _plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 # -- objects ---------------------------------------------------------------------------------
-def _shape(cls: int, rng: np.random.Generator, r: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, rgb) crops of one object of class ``cls`` with size parameter ``r``."""
+def _twin_look(cls: int, num_classes: int) -> tuple[int, float]:
+    """twins: the class whose shape and pattern ``cls`` is drawn with, and its hue centre (deg).
+    A last class without a twin (odd num_classes) keeps its own look and base hue."""
+    look = cls - 1 if cls % 2 == 0 else cls
+    if look + 1 > num_classes:
+        return cls, _BASE_HUE[cls]
+    centre = (_BASE_HUE[look] + _BASE_HUE[look + 1]) / 2
+    return look, centre + (_TWIN_HUE_OFFSET if cls % 2 == 0 else -_TWIN_HUE_OFFSET)
+
+
+def _shape(
+    cls: int, rng: np.random.Generator, r: float, look: int | None = None, hue: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, rgb) crops of one object of class ``cls`` with size parameter ``r``; ``look`` (the
+    class whose shape and pattern it takes) and ``hue`` (its hue centre, jittered by
+    _TWIN_HUE_JITTER) for the twins confounder, default its own (jittered by _HUE_JITTER)."""
+    if look is not None:
+        cls = look
     n = int(np.ceil(1.5 * r)) * 2 + 3
     c = n // 2
     yy, xx = _grid(n)
@@ -460,7 +488,10 @@ def _shape(cls: int, rng: np.random.Generator, r: float) -> tuple[np.ndarray, np
     else:
         mask = _extra_shape_mask(cls, u, v, dist, r)
 
-    hue = (_BASE_HUE[cls] + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) / 360.0
+    if hue is None:
+        hue = (_BASE_HUE[cls] + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) / 360.0
+    else:
+        hue = ((hue + rng.uniform(-_TWIN_HUE_JITTER, _TWIN_HUE_JITTER)) % 360.0) / 360.0
     c1 = _hsv(hue, rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0))
     c2 = c1 * rng.uniform(0.3, 0.5)
     period = rng.uniform(5, 8)
@@ -536,16 +567,20 @@ def _group(
     size: int,
     area_scale: float,
     object_area: tuple[float, float] = _OBJECT_AREA,
+    twins: int = 0,
 ):
     """Shapes of one group (a primary object, plus its rider standing on it) in group-local
     coordinates: list of (cls, mask, rgb, (oy, ox)) and the group's (height, width). Each shape's
     area is drawn in ``object_area`` (fractions of the image), the range's upper part scaled by
-    ``area_scale`` (0 = every shape at the minimum)."""
+    ``area_scale`` (0 = every shape at the minimum). ``twins`` (the class count, 0 = off): each
+    shape is drawn with its twin look (see _twin_look)."""
     lo, hi = object_area
     parts = []
     for cls in classes:
         area = (lo + rng.uniform(0, hi - lo) * area_scale) * size * size
-        parts.append((cls, *_shape(cls, rng, float(np.sqrt(area / _AREA_COEF[cls])))))
+        look, hue = _twin_look(cls, twins) if twins else (cls, None)
+        r = float(np.sqrt(area / _AREA_COEF[look]))
+        parts.append((cls, *_shape(cls, rng, r, look if twins else None, hue)))
     if len(parts) == 1:
         cls, m, rgb = parts[0]
         return [(cls, m, rgb, (0, 0))], m.shape
@@ -807,6 +842,7 @@ def _render_layout(
     surround: bool,
     num_classes: int,
     area: tuple[float, float],
+    twins: bool = False,
 ):
     primaries, group_classes, contexts = _draw_classes(rng, p_home, pair_prob, num_classes)
     homes = [k == c for k, c in zip(contexts, primaries, strict=True)]
@@ -816,7 +852,9 @@ def _render_layout(
     # home object that still finds no room at home after a few shrinks goes elsewhere, no home.
     for attempt in range(12):
         scale = max(0.0, 1.0 - attempt / 8)
-        groups = [_group(g, rng, size, scale, area) for g in group_classes]
+        groups = [
+            _group(g, rng, size, scale, area, num_classes if twins else 0) for g in group_classes
+        ]
         placed = _place_layout(
             groups, primaries, homes, specs, shift, rng, size, attempt < 11, attempt >= 3
         )
@@ -870,7 +908,14 @@ def render_image(
         sample, group_classes = _render_texture(rng, size, p_home, pair_prob, num_classes, area)
     else:
         sample, group_classes = _render_layout(
-            rng, size, p_home, pair_prob, confounder == "both", num_classes, area
+            rng,
+            size,
+            p_home,
+            pair_prob,
+            confounder == "both",
+            num_classes,
+            area,
+            twins=confounder == "twins",
         )
     sample["rider"] = any(len(g) == 2 for g in group_classes)
     lut = _label_lut(num_classes, label_ids)
@@ -1070,7 +1115,7 @@ def ensure_synthetic_voc(
 ) -> Path:
     """Generate the synthetic set under ``root`` unless it is already there with these args.
 
-    ``confounder`` (texture | layout | both) picks the bias, see the module docstring.
+    ``confounder`` (texture | layout | both | twins) picks the bias, see the module docstring.
     ``num_classes`` (6..12) object classes are drawn, the first of ``ALL_CLASSES``; each object's
     full shape covers ``object_area`` = (min, max) of the image; class k is written as
     ``label_ids[k - 1]`` (default k) in SegmentationClass and ContextRegions. Lists (as Hydra

@@ -77,6 +77,10 @@ META_OPTIONAL = ("context", "c_source", "m_source")
 
 
 CONTEXT_VARIANTS = ("calibrated", "paper")
+# conta.attention: image = Eq. 3's alpha from the image's m | prior = alpha = P(c) for every image
+# (a control: the same M for every image, no m, no W1/W2; it says what C and the extra channel
+# give without the per-image attention).
+ATTENTION_MODES = ("image", "prior")
 
 
 @contextmanager
@@ -113,8 +117,15 @@ class ContextModule(nn.Module):
         prior: torch.Tensor,
         proj_dim: int | None = None,
         generator: torch.Generator | None = None,
+        attention: str = "image",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(
+                f"conta.attention={attention!r} is unknown; choose one of {list(ATTENTION_MODES)} "
+                "(e.g. conta.attention=image)"
+            )
+        self.attention_mode = attention
         confounders = torch.as_tensor(confounders, dtype=torch.float32)
         prior = torch.as_tensor(prior, dtype=torch.float32)
         if confounders.ndim != 3:
@@ -166,7 +177,13 @@ class ContextModule(nn.Module):
         return q @ k.t() / math.sqrt(self.proj_dim)
 
     def attention(self, mask: torch.Tensor) -> torch.Tensor:
-        """alpha (B, n): how much each class's average mask explains the image's mask."""
+        """alpha (B, n): how much each class's average mask explains the image's mask; with
+        ``attention="prior"`` P(c) (normalised) for every image, whatever its m."""
+        if self.attention_mode == "prior":
+            flat = self._flat_mask(mask)
+            prior = self.prior.to(self.w1.weight.dtype)
+            prior = prior / prior.sum().clamp_min(1e-12)
+            return prior.expand(flat.shape[0], -1)
         return torch.softmax(self.scores(mask), dim=-1)
 
     def combine(self, alpha: torch.Tensor) -> torch.Tensor:
@@ -225,12 +242,13 @@ class CalibratedContextModule(ContextModule):
         proj_dim: int | None = None,
         generator: torch.Generator | None = None,
         temperature: float = 10.0,
+        attention: str = "image",
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"conta.temperature={temperature} must be > 0")
         # Set before super().__init__, whose _init_parameters creates tau and the gain from it.
         self._temperature0 = float(temperature)
-        super().__init__(confounders, prior, proj_dim, generator)
+        super().__init__(confounders, prior, proj_dim, generator, attention)
 
     @staticmethod
     def default_proj_dim(n: int, hw: int) -> int:
@@ -277,12 +295,16 @@ def build_context_module(
     proj_dim: int | None = None,
     temperature: float = 10.0,
     generator: torch.Generator | None = None,
+    attention: str = "image",
 ) -> ContextModule:
-    """The context module of ``conta.context`` (calibrated | paper)."""
+    """The context module of ``conta.context`` (calibrated | paper), its alpha from the image's m
+    or, with ``attention="prior"`` (``conta.attention``), alpha = P(c) for every image."""
     if variant == "paper":
-        return ContextModule(confounders, prior, proj_dim, generator)
+        return ContextModule(confounders, prior, proj_dim, generator, attention)
     if variant == "calibrated":
-        return CalibratedContextModule(confounders, prior, proj_dim, generator, temperature)
+        return CalibratedContextModule(
+            confounders, prior, proj_dim, generator, temperature, attention
+        )
     raise ValueError(
         f"conta.context={variant!r} is unknown; choose one of {list(CONTEXT_VARIANTS)} "
         "(calibrated: the live module, paper: Eq. 3 as printed, for the ablation)"
@@ -538,6 +560,7 @@ class Confounders:
         proj_dim: int | None = None,
         temperature: float = 10.0,
         generator: torch.Generator | None = None,
+        attention: str = "image",
     ) -> ContextModule:
         return build_context_module(
             self.context,
@@ -546,7 +569,19 @@ class Confounders:
             proj_dim=proj_dim,
             temperature=temperature,
             generator=generator,
+            attention=attention,
         )
+
+    def with_mean_centers(self) -> Confounders:
+        """``conta.c_source=mean``: every c_i replaced by the mean of the c_i of the classes that
+        have training images (C without class information; P(c), counts and every m unchanged).
+        A control: all the c_i being equal, alpha is uniform and M = that mean for every image.
+        (Permuting C across classes is no control: M = sum_i alpha_i P(c_i) c_i does not depend
+        on which class a c_i is filed under; tests/models/test_context.py checks this.)"""
+        present = self.counts > 0  # none present: every c_i is zeros, and so is their mean
+        mean = self.centers[present if present.any() else slice(None)].mean(0)
+        centers = np.broadcast_to(mean, self.centers.shape).astype(np.float32)
+        return replace(self, centers=centers, c_source="mean")
 
     def with_shuffled_masks(self, groups: Sequence[Collection[str]], seed: int) -> Confounders:
         """``conta.m_source=shuffled``: every image gets another image's m (a random derangement

@@ -390,7 +390,8 @@ def test_both_is_layout_plus_the_texture_surround(tmp_path: Path):
 
 
 def test_unknown_confounder_is_refused(tmp_path: Path):
-    with pytest.raises(ValueError, match=r"data\.generator\.confounder.*texture, layout, both"):
+    match = r"data\.generator\.confounder.*texture, layout, both, twins"
+    with pytest.raises(ValueError, match=match):
         ensure_synthetic_voc(tmp_path / "s", **SMALL, confounder="colour")
     assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match=r"data\.generator\.confounder"):
@@ -627,3 +628,51 @@ def test_data_configs_off_the_home_set(data: str, generator: dict, tmp_path: Pat
     stamp = (Path(cfg.data.root) / "meta.json").stat().st_mtime_ns
     build_dataset(cfg.data, "val")
     assert (Path(cfg.data.root) / "meta.json").stat().st_mtime_ns == stamp  # not regenerated
+
+
+def _single_objects(confounder: str, n: int = 160) -> dict[int, list[tuple[float, float]]]:
+    """Per class: (fill ratio of its bounding box, median hue in degrees) of the lone objects
+    (one object, no rider) among ``n`` 96 px samples."""
+    found: dict[int, list[tuple[float, float]]] = {}
+    for i in range(n):
+        s = render_image(np.random.default_rng([0, 0, i]), 96, 0.9, 0.7, confounder)
+        if len(s["instance_classes"]) != 1:
+            continue
+        cls = s["instance_classes"][0]
+        mask = s["instances"] == 1
+        ys, xs = np.nonzero(mask)
+        fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        hsv = cv2.cvtColor(s["image"], cv2.COLOR_RGB2HSV_FULL)
+        hue = float(np.median(hsv[mask][:, 0])) * 360 / 256
+        found.setdefault(cls, []).append((fill, hue))
+    return found
+
+
+def test_twins_share_shape_and_nearly_their_colour():
+    """twins: classes 3/4 (triangle/cross) and 5/6 (ring/diamond) are drawn with one shape each
+    (the pair's first) and hues that overlap; under layout each pair's shapes differ and their
+    hues are ~60 deg apart. (Lone squares are rare: the square is the rider's mount.)"""
+    twins, layout = _single_objects("twins"), _single_objects("layout")
+    fill = {c: np.median([f for f, _ in v]) for c, v in twins.items()}
+    layout_fill = {c: np.median([f for f, _ in v]) for c, v in layout.items()}
+    for a, b in ((3, 4), (5, 6)):
+        assert min(len(twins[a]), len(twins[b])) >= 8
+        assert abs(fill[a] - fill[b]) < 0.03  # the same silhouette (box fill ratio)
+        assert abs(layout_fill[a] - layout_fill[b]) > 0.04  # ... which layout's shapes are not
+    hue3 = np.array([h for _, h in twins[3]])
+    hue4 = np.array([h for _, h in twins[4]])
+    # Hue ranges 142 +- 12 and 158 +- 12 (plus pattern / noise): they overlap, the means differ.
+    assert hue3.min() > 125 and hue4.max() < 175
+    assert hue4.min() < hue3.max()  # overlapping hues: colour does not decide
+    assert 8 < hue4.mean() - hue3.mean() < 26
+
+
+def test_twins_keep_the_layout_bias(tmp_path: Path):
+    """The home (anchor + partner texture) still holds far more often in train than in val."""
+    root = ensure_synthetic_voc(
+        tmp_path / "t", num_train=80, num_val=40, image_size=64, confounder="twins"
+    )
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["generator"]["confounder"] == "twins"
+    train, val = meta["stats"]["train"], meta["stats"]["val"]
+    assert train["home_layout_rate"] > 0.75 and val["home_layout_rate"] < 0.7

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import math
@@ -400,3 +401,112 @@ def test_a_confounder_file_naming_an_unknown_variant_is_refused(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ConfounderError, match="unknown context variant 'builtins.open'"):
         Confounders.load(tmp_path, expected_dataset="synth", expected_num_classes=2)
+
+
+# ---------------------------------------------------------------- controls: mean C, prior alpha
+
+
+def _class_confounders(n_images: int = 12) -> Confounders:
+    """Three classes whose masks lie in different corners of a 6 x 6 map (C differs by class)."""
+    preds, labels = {}, {}
+    corners = [(slice(0, 3), slice(0, 3)), (slice(3, 6), slice(3, 6)), (slice(0, 3), slice(3, 6))]
+    for k in range(n_images):
+        cls = k % 3
+        pred = np.zeros((6, 6), np.uint8)
+        pred[corners[cls]] = cls + 1
+        pred.flat[k % 36] = cls + 1  # images of one class differ a little
+        preds[f"img_{k:02d}"] = pred
+        labels[f"img_{k:02d}"] = np.eye(3, dtype=np.uint8)[cls]
+    return build_confounders(
+        preds, labels, num_classes=3, size=(6, 6), class_names=["a", "b", "c"], dataset="synth"
+    )
+
+
+@pytest.mark.parametrize("variant", CONTEXT_VARIANTS)
+def test_mean_c_gives_every_class_and_every_image_the_same_m(variant):
+    """conta.c_source=mean: every c_i is the mean of C, so alpha is uniform and M is that mean
+    (calibrated) or that mean scaled by P (paper) for every image, whatever its m."""
+    conf = _class_confounders()
+    assert not np.allclose(conf.centers[0], conf.centers[1])  # the control removes a real signal
+    mean = conf.with_mean_centers()
+    assert mean.c_source == "mean" and mean.m_source == "own"
+    for c in mean.centers:
+        np.testing.assert_array_equal(c, conf.centers.mean(0))
+    np.testing.assert_array_equal(mean.codes, conf.codes)  # m unchanged
+    np.testing.assert_array_equal(mean.prior, conf.prior)
+    module = build_context_module(
+        variant, torch.from_numpy(mean.centers), torch.from_numpy(mean.prior)
+    )
+    masks = torch.from_numpy(mean.masks)
+    m, alpha = module(masks, return_alpha=True)
+    torch.testing.assert_close(alpha, torch.full_like(alpha, 1 / 3))
+    scale = 1.0 if variant == "calibrated" else 1 / 3  # paper: M = sum alpha_i P c_i
+    for image_m in m:
+        torch.testing.assert_close(
+            image_m[0], torch.from_numpy(conf.centers.mean(0)) * scale, rtol=1e-5, atol=1e-6
+        )
+    assert context_statistics(module, masks)["m_spread"] < 1e-6
+    if variant == "calibrated":  # the live module: with the class-wise C, M differs by image
+        own_m = conf.context_module()(masks)
+        assert (own_m - own_m[:1]).abs().amax() > 1e-3
+
+
+def test_mean_c_ignores_classes_without_images():
+    conf = _class_confounders()
+    counts = conf.counts.copy()
+    counts[2] = 0
+    centers = conf.centers.copy()
+    centers[2] = 0  # as build_confounders leaves a class no image contains
+    conf = dataclasses.replace(conf, centers=centers, counts=counts)
+    np.testing.assert_allclose(
+        conf.with_mean_centers().centers[2], (centers[0] + centers[1]) / 2, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("variant", CONTEXT_VARIANTS)
+def test_permuting_c_across_classes_leaves_m_unchanged(variant):
+    """Why the no-class-information control is the mean of C, not C shuffled across classes:
+    M = sum_i alpha_i P(c_i) c_i does not depend on which class a c_i is filed under (uniform
+    P), so a permuted C gives the same M for every image."""
+    conf = _class_confounders()
+    centers = torch.from_numpy(conf.centers)
+    prior = torch.from_numpy(conf.prior)
+    masks = torch.from_numpy(conf.masks)
+    a = build_context_module(variant, centers, prior, generator=context_generator(1))
+    b = build_context_module(variant, centers[[2, 0, 1]], prior, generator=context_generator(1))
+    torch.testing.assert_close(a(masks), b(masks), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", CONTEXT_VARIANTS)
+@pytest.mark.parametrize("prior", ["uniform", "empirical"])
+def test_prior_attention_is_p_of_c_for_every_image(variant, prior):
+    """conta.attention=prior: alpha = P(c) whatever the image's m, so M is the same map for every
+    image (sum_i P_i^2 c_i / sum_i P_i^2 for calibrated, sum_i P_i^2 c_i for paper)."""
+    conf = _class_confounders(n_images=10)  # 4 / 3 / 3 images: an empirical P that is not flat
+    p = torch.full((3,), 1 / 3) if prior == "uniform" else torch.tensor([0.4, 0.3, 0.3])
+    centers = torch.from_numpy(conf.centers)
+    masks = torch.from_numpy(conf.masks)
+    module = build_context_module(variant, centers, p, attention="prior")
+    assert module.attention_mode == "prior"
+    m, alpha = module(masks, return_alpha=True)
+    torch.testing.assert_close(alpha, p.expand(len(masks), -1))
+    weights = p * p
+    if variant == "calibrated":
+        weights = weights / weights.sum()
+    expected = (weights[:, None, None] * centers).sum(0)
+    for image_m in m:
+        torch.testing.assert_close(image_m[0], expected, rtol=1e-5, atol=1e-6)
+    stats = context_statistics(module, masks)
+    assert stats["m_spread"] < 1e-6
+    assert stats["alpha_max"] == pytest.approx(float(p.max()), rel=1e-6)
+    # With the image's attention the same module makes different maps.
+    image = build_context_module(variant, centers, p, attention="image")
+    if variant == "calibrated":  # the paper module is inert at init: only the live one differs
+        assert context_statistics(image, masks)["m_spread"] > 0.05
+
+
+def test_an_unknown_attention_mode_is_refused():
+    with pytest.raises(ValueError, match=r"conta.attention='uniform'.*conta.attention=image"):
+        build_context_module(
+            "calibrated", torch.rand(3, 4, 4), torch.full((3,), 1 / 3), attention="uniform"
+        )

@@ -218,6 +218,8 @@ def test_a_different_m_changes_round_one(finished_run):
         ("conta.c_source=segmenter", r"conta.c_source='segmenter'.*pred"),
         ("conta.m_source=random", r"conta.m_source='random'.*shuffled"),
         ("conta.ablate=zero", r"conta.ablate='zero'.*zero_m"),
+        ("conta.c_source=shuffled", r"conta.c_source='shuffled'.*mean"),
+        ("conta.attention=uniform", r"conta.attention='uniform'.*prior"),
     ],
 )
 def test_unknown_conta_switches_are_refused_before_any_stage(tmp_path, override, match):
@@ -256,3 +258,17 @@ def test_gt_and_shuffled_confounders(finished_run, tmp_path):
     assert shuffled.m_source == "shuffled"
     moved = [not np.array_equal(shuffled.mask_for(i), gt.mask_for(i)) for i in dataset.ids]
     assert np.mean(moved) > 0.5  # a derangement (two images may share an identical m)
+    with open_dict(cfg):  # c_source=mean: the prediction's C, every c_i its mean, own m
+        cfg.conta.c_source, cfg.conta.m_source = "mean", "own"
+    train(cfg)
+    mean = Confounders.load(path, expected_dataset="synth", expected_num_classes=6)
+    assert mean.c_source == "mean" and mean.m_source == "own"
+    pred = Confounders.load(
+        Path(finished_run[0].paths.run_dir) / "round_0/confounders",
+        expected_dataset="synth",
+        expected_num_classes=6,
+    )
+    present = pred.counts > 0
+    for center in mean.centers:
+        np.testing.assert_allclose(center, pred.centers[present].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(mean.codes, pred.codes)

@@ -126,7 +126,10 @@ def build_cam_classifier(
     context, generator = None, context_generator(seed)
     if confounders is not None:
         context = confounders.context_module(
-            cfg.conta.proj_dim, temperature=cfg.conta.temperature, generator=generator
+            cfg.conta.proj_dim,
+            temperature=cfg.conta.temperature,
+            generator=generator,
+            attention=cfg.conta.attention,
         )
     net = instantiate(cfg.cam.net, _convert_="all")(
         backbone,

@@ -26,7 +26,9 @@ def make_confounders(ctx: StageContext) -> StageResult:
     contain each class (full-image frame, resized to conta.size), P(c), and every image's m.
 
     ``conta.c_source=gt`` takes the ground-truth masks instead (the intervention's ceiling);
-    ``conta.m_source=shuffled`` gives every image another image's m (a control)."""
+    ``conta.c_source=mean`` builds them from the prediction, then replaces every c_i by the mean
+    of C (a control: C without class information); ``conta.m_source=shuffled`` gives every image
+    another image's m (a control)."""
     cfg = ctx.cfg
     # The val images get an m too (the classifier's validation reads it) but do not shape C.
     datasets = {s: build_dataset(cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split)}
@@ -99,6 +101,9 @@ def _from_ground_truth(cfg: DictConfig, datasets: dict, options: dict) -> Confou
 
 
 def _shuffled(confounders: Confounders, cfg: DictConfig, split_ids: list) -> Confounders:
+    """The controls applied to the built set: c_source=mean, then m_source=shuffled."""
+    if cfg.conta.c_source == "mean":
+        confounders = confounders.with_mean_centers()
     if cfg.conta.m_source != "shuffled":
         return confounders
     return confounders.with_shuffled_masks(split_ids, seed=cfg.seed)

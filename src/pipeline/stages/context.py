@@ -15,6 +15,7 @@ from src.datamodules.datamodule import ExtraTarget, collate_same_size, inference
 from src.datamodules.transforms import load_frame
 from src.evaluation.figures import overlay_grid
 from src.models.context import (
+    ATTENTION_MODES,
     CONTEXT_VARIANTS,
     Confounders,
     ContextMaskDataset,
@@ -34,9 +35,10 @@ FRAME_TARGETS = {"frame": ExtraTarget("float", load_frame)}
 # Accepted values of the CONTA switches (validated before any stage runs).
 CONTA_CHOICES = {
     "context": CONTEXT_VARIANTS,
-    "c_source": ("pred", "gt"),
+    "c_source": ("pred", "gt", "mean"),
     "m_source": ("own", "shuffled"),
     "ablate": ("none", "zero_m"),
+    "attention": ATTENTION_MODES,
 }
 # Below these M does not reach the classifier in any useful way (see context_diagnostics).
 INERT = {"alpha_entropy": 0.98, "m_spread": 0.01, "m_logit_share": 0.01}

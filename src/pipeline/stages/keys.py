@@ -25,4 +25,5 @@ CONTA_CLASSIFIER = (
     "conta.post_concat_conv",
     "conta.init",
     "conta.ablate",
+    "conta.attention",
 )
