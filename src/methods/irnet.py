@@ -10,37 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from src.callbacks.prediction_writer import PngPredictionWriter
-from src.datamodules import build_dataset, eval_transform, train_transform
-from src.datamodules.datamodule import inference_loader
+from src.datamodules import build_dataset, train_transform
 from src.datamodules.palette import save_label_png
 from src.datamodules.validation import read_rgb
-from src.pipeline.artifacts import missing_items, resume_counts
 from src.pipeline.stage import Stage, StageContext, StageResult
 from src.pipeline.stages.affinity import ROLES as AFFINITY_ROLES
 from src.pipeline.stages.affinity import (
     build_affinity_module,
-    collate_with_cams,
     fit_on_affinity_labels,
+    load_trained_affinity,
+    walk_to_pseudo_masks,
 )
-from src.pipeline.stages.cam import CAM_DIR, checked_high_res, load_cam, read_weights
+from src.pipeline.stages.cam import CAM_DIR, checked_high_res, load_cam
 from src.pipeline.stages.keys import CAM_NET, NORMALISED, TORCH, TRAIN_IMAGES
-from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, write_labels_from_cams
-from src.pipeline.trainers import build_trainer
+from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, write_labels_from_cams
 from src.postprocess.crf import CRFParams, make_ir_label
-from src.utils.errors import MissingArtifactError
-from src.utils.ranks import barrier
 
 log = logging.getLogger(__name__)
 AFFINITY_WEIGHTS = "affinity_net.pt"
-
-
-def _missing(out_dir: Path, ids: list[str], suffix: str) -> list[int]:
-    """Resume: the images still to do; the files an interrupted attempt wrote are complete (they
-    are written atomically, see missing_items) and are reused."""
-    return missing_items(ids, (out_dir, suffix))
 
 
 # -- IR labels ----------------------------------------------------------------------------------
@@ -115,32 +104,9 @@ class WithCams(Dataset):
 
 
 def make_pseudo_masks(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg
-    module = build_affinity_module(cfg, ctx.inputs.get("classifier"))
-    weights = ctx.inputs["affinity"] / AFFINITY_WEIGHTS
-    if not weights.is_file():
-        raise MissingArtifactError(f"{weights} missing: re-run train_affinity")
-    module.net.load_state_dict(read_weights(weights, "train_affinity"))
-    dataset = build_dataset(
-        cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
-    )
-    out_dir = ctx.dir / MASK_DIR
-    todo = _missing(out_dir, dataset.ids, ".png")
-    barrier()  # every rank has listed the same todo before any rank writes
-    log.info("make_pseudo_masks: %d of %d images", len(todo), len(dataset))
-    if todo:
-        loader = inference_loader(
-            Subset(WithCams(dataset, ctx.inputs["cams"] / CAM_DIR), todo),
-            cfg.affinity.inference_batch_size,
-            cfg.num_workers,
-            collate_with_cams,
-        )
-        writer = PngPredictionWriter(out_dir, key="mask")
-        trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
-    barrier()  # every rank's shard is on disk before the count
-    resume = resume_counts(dataset.ids, todo, (out_dir, ".png"))
-    return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
+    module = load_trained_affinity(ctx, AFFINITY_WEIGHTS, "train_affinity")
+    cam_dir = ctx.inputs["cams"] / CAM_DIR
+    return walk_to_pseudo_masks(ctx, module, lambda dataset: WithCams(dataset, cam_dir))
 
 
 # -- what the method declares (src/methods/__init__.py) ---------------------------------------

@@ -5,6 +5,8 @@ training it on the `affinity_labels` role, and the CAM batches of the walk."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -12,17 +14,23 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, Subset, default_collate
 
-from src.datamodules import build_dataset
-from src.datamodules.datamodule import training_loader
+from src.callbacks.prediction_writer import PngPredictionWriter
+from src.datamodules import build_dataset, eval_transform
+from src.datamodules.datamodule import inference_loader, training_loader
 from src.models.optim import momentum_of
+from src.pipeline.artifacts import missing_items, resume_counts
 from src.pipeline.batching import batch_metrics, split_over_ranks
-from src.pipeline.stage import StageContext
-from src.pipeline.stages.cam import load_classifier_backbone
-from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, label_png_loader
+from src.pipeline.stage import StageContext, StageResult
+from src.pipeline.stages.cam import load_classifier_backbone, read_weights
+from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, label_png_loader
 from src.pipeline.trainers import build_trainer
+from src.utils.errors import MissingArtifactError
+from src.utils.ranks import barrier
 from src.utils.weights import save_weights
+
+log = logging.getLogger(__name__)
 
 # The role the family adds (src/pipeline/stage.py ROLES holds the shared ones).
 ROLES = {"affinity": "the trained affinity network"}
@@ -71,6 +79,45 @@ def fit_on_affinity_labels(ctx: StageContext, module, transform, weights_file: s
     metrics["resume"] = ctx.training_resume(trainer)
     metrics.update(batch_metrics(trainer, share))
     return metrics
+
+
+def load_trained_affinity(ctx: StageContext, weights_file: str, trained_by: str):
+    """The round's affinity module with the net the `trained_by` stage saved as `weights_file`."""
+    module = build_affinity_module(ctx.cfg, ctx.inputs.get("classifier"))
+    weights = ctx.inputs["affinity"] / weights_file
+    if not weights.is_file():
+        raise MissingArtifactError(f"{weights} missing: re-run {trained_by}")
+    module.net.load_state_dict(read_weights(weights, trained_by))
+    return module
+
+
+def walk_to_pseudo_masks(
+    ctx: StageContext, module: L.LightningModule, with_cams: Callable[[Dataset], Dataset]
+) -> StageResult:
+    """The pseudo-mask of every training image still without one (`<stage dir>/masks/`, written
+    atomically, so an interrupted attempt's files are kept): `with_cams(dataset)` adds each
+    image's walk input, the module walks it; the trainer shards the images over the ranks."""
+    cfg = ctx.cfg
+    dataset = build_dataset(
+        cfg.data, cfg.data.train_split, eval_transform(cfg.data.mean, cfg.data.std)
+    )
+    out_dir = ctx.dir / MASK_DIR
+    todo = missing_items(dataset.ids, (out_dir, ".png"))
+    barrier()  # every rank has listed the same todo before any rank writes
+    log.info("%s: %d of %d images", ctx.name, len(todo), len(dataset))
+    if todo:
+        loader = inference_loader(
+            Subset(with_cams(dataset), todo),
+            cfg.affinity.inference_batch_size,
+            cfg.num_workers,
+            collate_with_cams,
+        )
+        writer = PngPredictionWriter(out_dir, key="mask")
+        trainer = build_trainer(cfg, ctx.dir, [], training=False, callbacks=[writer])
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    barrier()  # every rank's shard is on disk before the count
+    resume = resume_counts(dataset.ids, todo, (out_dir, ".png"))
+    return StageResult(metrics={"images": len(dataset), "resume": resume}, artifacts=[MASK_DIR])
 
 
 def collate_with_cams(samples: list[dict]) -> dict:
