@@ -5,6 +5,13 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.install-stamp
 PYTEST  := $(PY) -m pytest
 ARGS    ?=
+# pytest-xdist workers for test / test-integration: a test file stays on one worker (its module-scoped
+# runs happen once; not loadgroup: pytest 9.2 drops its groups, pytest-xdist#1386), each worker and
+# what it starts on one thread, so that the workers do not oversubscribe the cores;
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST   := -n $(TEST_WORKERS) --dist loadfile
+TESTENV := OMP_NUM_THREADS=1
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock train test test-integration test-full preflight lint format bench bench-gpu bench-conta bench-conta-twins bench-sets bench-faults table2 clean clean-outputs
@@ -34,10 +41,10 @@ train: install ## Default experiment (synth_conta, T=2) after its supervised bou
 	$(PY) train.py $(ARGS)
 
 test: install ## Unit tests (no integration, slow or GPU tests); CI runs test-integration after it
-	$(PYTEST) -m "not integration and not slow and not gpu" $(ARGS)
+	$(TESTENV) $(PYTEST) $(XDIST) -m "not integration and not slow and not gpu" $(ARGS)
 
 test-integration: install ## Integration tests: tiny pipelines, CLIs, DDP under gloo, SIGKILL resumes (no slow or GPU tests)
-	$(PYTEST) -m "integration and not slow and not gpu" $(ARGS)
+	$(TESTENV) $(PYTEST) $(XDIST) -m "integration and not slow and not gpu" $(ARGS)
 
 test-full: install ## Every test, slow ones included
 	$(PYTEST) $(ARGS)

@@ -3,8 +3,8 @@
     python bench/faults.py [--kills 20] [--seed 0] [--fast] [--experiment NAME]
                            [--reuse [--copy-pause S]] [--workdir DIR] [--keep] [key=value ...]
 
-Runs `python train.py` (the default experiment unless --experiment; --fast adds the tests' FAST
-overrides, a tiny set that runs in seconds) once uninterrupted in its own PROJECT_ROOT (the
+Runs `python train.py` (the default experiment unless --experiment; --fast adds
+`debug=tiny`, a tiny set that runs in seconds) once uninterrupted in its own PROJECT_ROOT (the
 reference), then in a second PROJECT_ROOT starts the same command, SIGKILLs its process group
 (DataLoader workers and CRF pools included), starts it again, ... --kills times, and lets the last
 attempt finish. Both roots get a copy of one data folder generated beforehand, so the campaign
@@ -94,9 +94,7 @@ REUSE_GLOB = ".reuse-*"  # a copy in progress (src/pipeline/reuse.py REUSE_PREFI
 
 
 def fast_overrides() -> list[str]:
-    from tests.conftest import FAST
-
-    return list(FAST)
+    return ["debug=tiny"]  # the tests' tiny set (conf/debug/tiny.yaml)
 
 
 def compose(overrides: list[str], root: Path):
@@ -566,7 +564,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to deliver (>= 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill plan")
     parser.add_argument("--experiment", help="conf/experiment config (default: train.yaml's)")
-    parser.add_argument("--fast", action="store_true", help="the tests' FAST overrides (tiny set)")
+    parser.add_argument("--fast", action="store_true", help="debug=tiny: the tests' tiny set")
     parser.add_argument("--workdir", type=Path, help="folder for both roots (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,41 +14,11 @@ from omegaconf import DictConfig, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-# A synthetic set small enough for end-to-end tests on 2 cores.
-TINY_SYNTH = [
-    "data.generator.num_train=24",
-    "data.generator.num_val=8",
-    "data.generator.image_size=64",
-]
-# A classifier schedule that finishes in seconds.
-FAST_CAM = [
-    "cam.max_epochs=1",
-    "cam.crop_size=64",
-    "cam.batch_size=8",
-    "cam.inference.scales=[1.0,0.5]",
-    "cam.inference.batch_size=8",
-    "num_workers=0",
-    "callbacks.rich_progress_bar=null",
-    "figure_images=2",
-]
-FAST_AFFINITY = [
-    "affinity.max_epochs=1",
-    "affinity.crop_size=96",  # the stride-4 grid must exceed twice the pair radius (10)
-    "affinity.batch_size=8",
-    "affinity.inference_batch_size=8",
-    "affinity.ir_label.workers=1",
-    "affinity.module.exp_times=4",
-]
-FAST_SEGMENTER = [
-    "segmenter.max_steps=4",
-    "segmenter.batch_size=8",
-    "segmenter.crop_size=64",
-    "segmenter.inference.batch_size=8",
-    "segmenter.val_every_n_epochs=1",
-    "segmenter.crf_workers=1",
-    "conta.size=[8,8]",  # the tiny set's 64 px images at output stride 8
-]
-FAST = [*TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY, *FAST_SEGMENTER]
+# Every stage in seconds on a 24-image synthetic set: conf/debug/tiny.yaml (+ the method's
+# conf/debug_method/<method>_tiny.yaml), the same settings as `python train.py debug=tiny`.
+TINY = "debug=tiny"
+# Where a tiny run started as a subprocess writes, under its PROJECT_ROOT.
+TINY_OUTPUTS = "outputs/tiny"
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
@@ -71,9 +42,7 @@ def shared_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, shared_data_dir) -> DictConfig:
-    cfg = compose_cfg(
-        ["experiment=synth", "conta=off", *TINY_SYNTH, *FAST_CAM, *FAST_AFFINITY], tmp_path
-    )
+    cfg = compose_cfg(["experiment=synth", "conta=off", TINY], tmp_path)
     with open_dict(cfg):
         cfg.paths.data_dir = str(shared_data_dir)
     return cfg
@@ -88,3 +57,31 @@ def predict_cli(*overrides: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def tiny_cam_sweep(root: Path, seeds: str, *launcher: str) -> subprocess.CompletedProcess:
+    """`python train.py -m experiment=synth method=cam conta=off debug=tiny seed=<seeds>` with
+    outputs under `root`; its sweep folder is `root / TINY_OUTPUTS / "multirun/synth"`."""
+    cmd = [sys.executable, "train.py", "-m", "experiment=synth", "method=cam", "conta=off", TINY]
+    env = {**os.environ, "PROJECT_ROOT": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*cmd, f"seed={seeds}", *launcher],
+        cwd=Path(CONF_DIR).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def report_table(sweep: Path, out: Path) -> str:
+    """`python report.py <sweep> --out <out>` must succeed; returns its table2.md."""
+    rep = subprocess.run(
+        [sys.executable, "report.py", str(sweep), "--out", str(out)],
+        cwd=Path(CONF_DIR).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rep.returncode == 0, rep.stderr
+    return (out / "table2.md").read_text()

@@ -14,7 +14,7 @@ from scipy import stats
 
 from src.datamodules.synthetic import ensure_synthetic_voc
 from src.train import train
-from tests.conftest import FAST_AFFINITY, FAST_CAM, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import conta_vs_baseline as bench  # noqa: E402
@@ -90,8 +90,7 @@ def test_the_bench_pipeline_runs_on_a_voc_layout_folder(voc_layout_folder, tmp_p
         "upper_bound=null",
         "stages=[train_cam,make_cams,eval_cams,make_ir_labels,train_affinity,"
         "make_pseudo_masks,eval_pseudo]",
-        *FAST_CAM,
-        *FAST_AFFINITY,
+        TINY,
     ]
     if context:
         overrides.append("+data.splits.train.context=ContextRegions")

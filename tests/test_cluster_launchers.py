@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import src  # noqa: F401  (registers the slurm_* resolvers, as train.py does)
-from tests.conftest import CONF_DIR, FAST_CAM, FAST_SEGMENTER, TINY_SYNTH
+from tests.conftest import CONF_DIR, TINY_OUTPUTS, report_table, tiny_cam_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,31 +62,18 @@ def test_slurm_refuses_a_device_count_left_to_the_node():
         _launcher(["trainer=ddp"])  # devices: -1
 
 
-@pytest.mark.slow  # 40 s: two tiny method=cam jobs side by side
+@pytest.mark.integration  # 40 s: two tiny method=cam jobs side by side
 def test_two_submitit_local_jobs_run_and_report(tmp_path):
-    fast = [o for o in FAST_CAM + FAST_SEGMENTER if not o.startswith("conta.size")]
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "experiment=synth",
-        "method=cam",
-        "conta=off",
-        *TINY_SYNTH,
-        *fast,
-        "seed=0,1",
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10",
-    ]
-    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = tiny_cam_sweep(
+        tmp_path, "0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"
+    )
     assert done.returncode == 0, done.stderr[-4000:]
-    sweep = tmp_path / "outputs" / "multirun" / "synth"
+    sweep = tmp_path / TINY_OUTPUTS / "multirun" / "synth"
     jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["completed", "completed"]
     for seed in (0, 1):
         # the job's run folder is the one a local run of that seed uses
-        run = tmp_path / "outputs" / "synth_cam" / f"seed_{seed}"
+        run = tmp_path / TINY_OUTPUTS / "synth_cam" / f"seed_{seed}"
         job = sweep / "synth_cam" / f"seed_{seed}"
         assert (job / "run_dir.txt").read_text().strip() == str(run)
         results = json.loads((run / "results.json").read_text())
@@ -95,19 +82,12 @@ def test_two_submitit_local_jobs_run_and_report(tmp_path):
         assert done_json["stage"] == "crf_segmenter"
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit keeps each job's logs"
 
-    rep = subprocess.run(
-        [sys.executable, str(ROOT / "report.py"), str(sweep), "--out", str(tmp_path / "rep")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert rep.returncode == 0, rep.stderr
-    table = (tmp_path / "rep" / "table2.md").read_text()
+    table = report_table(sweep, tmp_path / "rep")
     assert "| synth | cam | conta=off runs, round 0 | 2 |" in table
     assert "Not in the table" not in table
 
 
+@pytest.mark.integration  # 20 s: three processes under submitit
 def test_a_job_killed_outright_is_listed_and_the_others_kept(tmp_path):
     """Under `hydra/launcher=local` (submitit_local through the project's launcher class) a job
     whose process is SIGKILLed leaves no result; the other jobs' results are still collected

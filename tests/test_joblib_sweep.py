@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_CAM, TINY_SYNTH
+from tests.conftest import TINY, TINY_OUTPUTS
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -25,15 +25,13 @@ def test_every_job_of_a_joblib_sweep_runs(tmp_path):
     each job (a process's second job failed on `${with_conta:...}` while `src` was imported only
     inside the first); loky's default start method broke DataLoader workers ('Process' object has
     no attribute 'env') and spawned pool workers (cannot find context for 'loky')."""
-    fast = [o for o in FAST_CAM if not o.startswith("num_workers=")]
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
         "-m",
         "experiment=synth",
         "conta=off",
-        *TINY_SYNTH,
-        *fast,
+        TINY,
         "stages=[train_cam,make_cams,make_ir_labels]",
         "affinity.ir_label.workers=2",
         "seed=0,1,2",
@@ -45,6 +43,6 @@ def test_every_job_of_a_joblib_sweep_runs(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     for seed in (0, 1, 2):
-        labels = tmp_path / f"outputs/synth_irnet/seed_{seed}/round_0/make_ir_labels"
+        labels = tmp_path / TINY_OUTPUTS / f"synth_irnet/seed_{seed}/round_0/make_ir_labels"
         assert json.loads((labels / "DONE.json").read_text())["stage"] == "make_ir_labels"
         assert len(list((labels / "ir_labels").glob("*.png"))) == 24

@@ -20,17 +20,15 @@ import pytest
 import torch
 
 from src.train import SIGTERM_EXIT
-from tests.conftest import FAST_CAM, FAST_SEGMENTER, TINY_SYNTH
+from tests.conftest import TINY, TINY_OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CAMS = 48  # make_cams: one file per train image
 ARGS = [
     "experiment=synth",
     "conta=off",
+    TINY,
     "data.generator.num_train=48",  # 6 steps an epoch
-    "data.generator.num_val=8",
-    "data.generator.image_size=64",
-    *[o for o in FAST_CAM if not o.startswith("cam.max_epochs")],
     "cam.max_epochs=3",
     "stages=[train_cam,make_cams,make_ir_labels]",
     "affinity.ir_label.workers=2",
@@ -64,7 +62,7 @@ def _run(tmp: Path, signum: int | None = None, ready=None, args=ARGS) -> tuple[i
 
 
 def _round(tmp: Path, experiment: str = "synth_irnet") -> Path:
-    return tmp / "outputs" / experiment / "seed_0" / "round_0"
+    return tmp / TINY_OUTPUTS / experiment / "seed_0" / "round_0"
 
 
 def _done(tmp: Path, stage: str) -> dict:
@@ -131,9 +129,7 @@ SEGMENTER_ARGS = [
     "experiment=synth",
     "method=cam",
     "conta=off",
-    *TINY_SYNTH,  # 24 train images: 3 steps an epoch at batch 8
-    *FAST_CAM,
-    *[o for o in FAST_SEGMENTER if not o.startswith(("conta.size", "segmenter.max_steps"))],
+    TINY,  # 24 train images: 3 steps an epoch at batch 8
     "segmenter.max_steps=9",  # 3 epochs
     "stages=[train_cam,make_cams,eval_cams,make_cam_masks,eval_pseudo,train_segmenter,"
     "predict_segmenter,eval_segmenter]",
@@ -166,7 +162,7 @@ def test_sigterm_mid_train_segmenter_loses_nothing(tmp_path):
     a, b = (x.get("state_dict", x) for x in (a, b))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [
-        json.loads((r / "outputs/synth_cam/seed_0/results.json").read_text())["rounds"]["0"]
+        json.loads((r / TINY_OUTPUTS / "synth_cam/seed_0/results.json").read_text())["rounds"]["0"]
         for r in (ref, pre)
     ]
     assert rows[0]["seg_miou"] == rows[1]["seg_miou"]

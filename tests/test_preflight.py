@@ -2,8 +2,9 @@
 shapes (ResNet-50 classifier at 512 crops and four CAM scales with flips, IRNet's CRFs and walk,
 DeepLab-v2 ResNet-101 with MSC, CONTA's confounders) on a generated VOC 2012 + SBD folder of
 500 x 375 / 375 x 500 images, random init, on the CPU. `make preflight` runs every paper
-experiment this way; this test keeps the one in `make test` so a paper-recipe regression cannot
-land (d04b298 stopped in its first stage)."""
+experiment this way (2 images a split); this test keeps the headline one in CI
+(`make test-integration`, 1 image a split) so a paper-recipe regression cannot land (d04b298
+stopped in its first stage)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def voc_conta_preflight(tmp_path_factory):
         [
             "experiment=voc_conta",
             "debug=preflight",
+            "preflight.images=1",  # every code path at paper shapes; the steps stay 2
             "trainer=cpu",
             "pretrained=false",
             f"data.root={root}",

@@ -6,51 +6,36 @@ runs and lists the missing one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_CAM, FAST_SEGMENTER, TINY_SYNTH
+from tests.conftest import TINY_OUTPUTS, report_table, tiny_cam_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sweep(tmp_path: Path, launcher: list[str]) -> subprocess.CompletedProcess:
-    fast = [o for o in FAST_CAM + FAST_SEGMENTER if not o.startswith("conta.size")]
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "experiment=synth",
-        "method=cam",
-        "conta=off",
-        *TINY_SYNTH,
-        *fast,
-        "seed=0,1,2",
-        *launcher,
-    ]
-    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-@pytest.mark.slow  # 30 s (basic), 40 s (joblib): three tiny method=cam runs
+# Three tiny method=cam runs: 30 s with the basic launcher (in CI), 40 s with joblib (slow).
 @pytest.mark.parametrize(
     "launcher",
-    [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
-    ids=["basic", "joblib"],
+    [
+        pytest.param([], id="basic", marks=pytest.mark.integration),
+        pytest.param(
+            ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+            id="joblib",
+            marks=pytest.mark.slow,
+        ),
+    ],
 )
 def test_a_failed_job_leaves_the_others_and_is_listed(tmp_path, launcher):
-    bad = tmp_path / "outputs" / "synth_cam" / "seed_1"
+    bad = tmp_path / TINY_OUTPUTS / "synth_cam" / "seed_1"
     bad.parent.mkdir(parents=True)
     bad.write_text("a damaged run folder of seed 1\n")
-    done = _sweep(tmp_path, launcher)
+    done = tiny_cam_sweep(tmp_path, "0,1,2", *launcher)
     assert done.returncode != 0, "a sweep with a failed job must say so in its exit status"
     assert "1 of 3 jobs failed" in done.stderr, done.stderr[-4000:]
 
-    sweep = tmp_path / "outputs" / "multirun" / "synth"
+    sweep = tmp_path / TINY_OUTPUTS / "multirun" / "synth"
     jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
     status = {next(o for o in j["overrides"] if o.startswith("seed=")): j for j in jobs}
     assert {k: j["status"] for k, j in status.items()} == {
@@ -64,17 +49,9 @@ def test_a_failed_job_leaves_the_others_and_is_listed(tmp_path, launcher):
     assert Path(failed["log"]).is_file()
     assert str(bad) in (sweep / "sweep_summary.md").read_text()
     for seed in (0, 2):
-        assert (tmp_path / f"outputs/synth_cam/seed_{seed}/results.json").is_file()
+        assert (tmp_path / TINY_OUTPUTS / f"synth_cam/seed_{seed}/results.json").is_file()
 
-    rep = subprocess.run(
-        [sys.executable, str(ROOT / "report.py"), str(sweep), "--out", str(tmp_path / "rep")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert rep.returncode == 0, rep.stderr
-    table = (tmp_path / "rep" / "table2.md").read_text()
+    table = report_table(sweep, tmp_path / "rep")
     assert "| synth | cam | conta=off runs, round 0 | 2 |" in table  # seeds 0 and 2
     assert "Not in the table: 1 sweep job(s)" in table
     assert f"{sweep / 'synth_cam' / 'seed_1'}: failed: FileExistsError" in table

@@ -17,7 +17,7 @@ from src.pipeline.driver import check_stages
 from src.pipeline.hashing import plan_digests
 from src.pipeline.stages.cam import load_cam
 from src.train import train
-from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -28,9 +28,7 @@ UP_TO_PSEUDO = "stages=[train_cam,make_cams,eval_cams,make_cam_masks,eval_pseudo
 @pytest.fixture(scope="module")
 def cam_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cam")
-    cfg = compose_cfg(
-        ["experiment=synth", "method=cam", "conta=off", UP_TO_PSEUDO, *TINY_SYNTH, *FAST_CAM], tmp
-    )
+    cfg = compose_cfg(["experiment=synth", "method=cam", "conta=off", UP_TO_PSEUDO, TINY], tmp)
     return cfg, train(cfg)
 
 

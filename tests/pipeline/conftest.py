@@ -8,7 +8,7 @@ import pytest
 from omegaconf import open_dict
 
 from src.train import train
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 ROUND0 = [
     "train_cam",
@@ -31,8 +31,8 @@ def finished_run(tmp_path_factory):
     """A tiny supervised bound, then a complete tiny two-round synth_conta run on the same data;
     tests copy the run before changing anything."""
     tmp = tmp_path_factory.mktemp("run")
-    train(compose_cfg(["experiment=synth_supervised", *FAST], tmp))
-    cfg = compose_cfg(["experiment=synth_conta", "round=1", *FAST], tmp)
+    train(compose_cfg(["experiment=synth_supervised", TINY], tmp))
+    cfg = compose_cfg(["experiment=synth_conta", "round=1", TINY], tmp)
     results = train(cfg)
     return cfg, results
 

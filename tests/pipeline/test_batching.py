@@ -15,7 +15,7 @@ from src.pipeline.batching import RankBatch, rank_batch
 from src.pipeline.plan import PipelineError
 from src.pipeline.registry import STAGES
 from src.train import train
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import TINY, TINY_OUTPUTS, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def test_a_batch_that_does_not_divide_names_the_key_and_a_fix():
 # One classifier and one accumulating segmenter: batches of 8 = 4 x 2 on one process.
 ARGS = [
     "experiment=synth_supervised",
-    *FAST,
+    TINY,
     "stages=[train_cam,train_segmenter]",
     "segmenter.batch_size=4",
     "segmenter.accumulate_grad_batches=2",
@@ -79,7 +79,7 @@ def test_ddp_trains_with_the_single_process_global_batch_and_steps(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, "trainer=ddp_cpu"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    run_dir = tmp_path / "ddp/outputs/synth_supervised/seed_0"
+    run_dir = tmp_path / "ddp" / TINY_OUTPUTS / "synth_supervised/seed_0"
     assert _batches(run_dir) == expected
     for stage in TRAINING:  # the same recipe, so the same stage hashes
         ddp_done = json.loads((run_dir / "round_0" / stage / "DONE.json").read_text())

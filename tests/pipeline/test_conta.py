@@ -20,7 +20,7 @@ from src.pipeline.hashing import picked_config, stage_keys
 from src.pipeline.registry import STAGES
 from src.pipeline.stages.cam import read_weights
 from src.train import train
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import TINY, compose_cfg
 from tests.pipeline.conftest import copy_run
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
@@ -77,7 +77,7 @@ def torch_load(path):
 
 
 def test_rounds_above_zero_need_the_confounders_stage(tmp_path):
-    cfg = compose_cfg(["experiment=synth", "conta=off", "round=1", *FAST], tmp_path)
+    cfg = compose_cfg(["experiment=synth", "conta=off", "round=1", TINY], tmp_path)
     with pytest.raises(driver.PipelineError, match="confounders.*synth_conta"):
         driver.run_pipeline(cfg)
 
@@ -223,14 +223,14 @@ def test_a_different_m_changes_round_one(finished_run):
     ],
 )
 def test_unknown_conta_switches_are_refused_before_any_stage(tmp_path, override, match):
-    cfg = compose_cfg(["experiment=synth_conta", override, *FAST], tmp_path)
+    cfg = compose_cfg(["experiment=synth_conta", override, TINY], tmp_path)
     with pytest.raises(ValueError, match=match):
         driver.run_pipeline(cfg)
     assert not (Path(cfg.paths.run_dir) / "round_0").exists()
 
 
 def test_gt_confounders_need_a_split_with_masks(tmp_path):
-    cfg = compose_cfg(["experiment=synth_conta", "conta.c_source=gt", *FAST], tmp_path)
+    cfg = compose_cfg(["experiment=synth_conta", "conta.c_source=gt", TINY], tmp_path)
     with open_dict(cfg):
         cfg.data.splits.train.masks = None
     with pytest.raises(ValueError, match=r"c_source=gt.*'train'.*data.splits.train.masks"):

@@ -20,12 +20,12 @@ from omegaconf import open_dict
 import src.utils.io as io_mod
 from src.train import train
 from src.utils.io import DiskWriteError
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
 
-ARGS = ["experiment=synth_cam", *FAST]  # train_cam -> make_cams -> eval_cams, seconds
+ARGS = ["experiment=synth_cam", TINY]  # train_cam -> make_cams -> eval_cams, seconds
 
 
 def _cfg(root: Path, data_dir: Path):

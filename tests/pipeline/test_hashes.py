@@ -23,7 +23,7 @@ from src.pipeline.driver import check_stages
 from src.pipeline.fingerprint import data_fingerprints
 from src.pipeline.hashing import plan_digests
 from src.pipeline.registry import STAGES
-from tests.conftest import TINY_SYNTH, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 ALL = set(STAGES)
 # Sets name the stages of every method; a plan holds one method's (expected() keeps those).
@@ -278,7 +278,7 @@ def test_each_leaf_redoes_exactly_the_stages_it_can_change(overrides):
 
 
 def test_moved_data_keeps_its_hashes_and_an_edited_val_mask_redoes_only_val(tmp_path):
-    cfg = compose_cfg(["experiment=synth_conta", *TINY_SYNTH], tmp_path)
+    cfg = compose_cfg(["experiment=synth_conta", TINY], tmp_path)
     prepare_data(cfg.data)
     before = data_fingerprints(cfg.data, ["train", "val"])
 
@@ -314,7 +314,7 @@ def test_moved_data_keeps_its_hashes_and_an_edited_val_mask_redoes_only_val(tmp_
 
 
 def test_digests_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
-    cfg = compose_cfg(["experiment=synth_cam", *TINY_SYNTH], tmp_path)
+    cfg = compose_cfg(["experiment=synth_cam", TINY], tmp_path)
     prepare_data(cfg.data)
     first = data_fingerprints(cfg.data, ["train"])
     opened = []
@@ -331,7 +331,7 @@ def test_digests_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
 
 def test_max_images_changes_every_fingerprint(tmp_path):
     """A preflight's first N images are other data than the whole split."""
-    cfg = compose_cfg(["experiment=synth_cam", *TINY_SYNTH], tmp_path)
+    cfg = compose_cfg(["experiment=synth_cam", TINY], tmp_path)
     prepare_data(cfg.data)
     whole = data_fingerprints(cfg.data, ["train", "val"])
     with open_dict(cfg):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from src.train import train
 from src.utils.loggers import build_loggers, finish_loggers, log_figure, log_metrics
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_tiny_pipeline_logs_one_offline_wandb_run_per_stage(tmp_path, monkeypatc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_cfg(["experiment=synth_cam", "logger=wandb", *FAST], tmp_path)
+    cfg = compose_cfg(["experiment=synth_cam", "logger=wandb", TINY], tmp_path)
     results = train(cfg)
     run_dir = Path(cfg.paths.run_dir)
     for stage in cfg.stages:

@@ -23,40 +23,13 @@ from src.datamodules import build_dataset
 from src.pipeline.driver import check_stages
 from src.pipeline.stages.cam import load_cam
 from src.train import train
-from tests.conftest import CONF_DIR, FAST_CAM, FAST_SEGMENTER, TINY_SYNTH, compose_cfg
+from tests.conftest import CONF_DIR, TINY, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
 
-FAST_PSEUDO_MASKS = {
-    "irnet": [
-        "affinity.max_epochs=1",
-        "affinity.crop_size=96",
-        "affinity.batch_size=8",
-        "affinity.inference_batch_size=8",
-        "affinity.ir_label.workers=1",
-        "affinity.module.exp_times=4",
-    ],
-    "seam": [
-        "affinity.max_epochs=1",
-        "affinity.crop_size=64",
-        "affinity.batch_size=8",
-        "affinity.inference_batch_size=8",
-        "affinity.psa_label.workers=1",
-        "affinity.module.radius=3",  # the 64 px test images give an 8 x 8 grid at stride 8
-    ],
-    **{
-        method: [
-            "seeded.input_size=64",  # the test images' size: an 8 x 8 cue grid
-            "seeded.max_steps=4",
-            "seeded.batch_size=8",
-            "seeded.inference_batch_size=8",
-        ]
-        for method in ("sec", "dsrg")
-    },
-}
 # Every method config, so a new method keeps the contract without an edit here (with its CPU
-# recipe's settings where it has no row above).
+# recipe's settings where it has no tiny file).
 METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 
 
@@ -68,10 +41,7 @@ def method_run(request, tmp_path_factory):
         "experiment=synth",
         "conta=off",
         f"method={method}",
-        *TINY_SYNTH,
-        *FAST_CAM,
-        *FAST_PSEUDO_MASKS.get(method, []),
-        *FAST_SEGMENTER,
+        TINY,  # with the method's conf/debug_method/<method>_tiny.yaml
     ]
     cfg = compose_cfg(overrides, tmp)
     return method, cfg, train(cfg)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from src.utils.ranks import global_rank
-from tests.conftest import FAST_CAM, TINY_SYNTH
+from tests.conftest import TINY, TINY_OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ["experiment=synth", "conta=off", *TINY_SYNTH, *FAST_CAM, "affinity.ir_label.workers=2"]
+BASE = ["experiment=synth", "conta=off", TINY, "affinity.ir_label.workers=2"]
 ARGS = [*BASE, "stages=[train_cam,make_cams,eval_cams,make_ir_labels]"]
 NODES = ["trainer=ddp_cpu", "trainer.devices=1", "+trainer.num_nodes=2"]
 
@@ -56,7 +56,20 @@ def run_nodes(root: Path, *extra: str, base: list[str] = ARGS) -> list[str]:
 
 
 def round_dir(root: Path) -> Path:
-    return root / "outputs/synth_irnet/seed_0/round_0"
+    return root / TINY_OUTPUTS / "synth_irnet/seed_0/round_0"
+
+
+def _train(root: Path, *args: str) -> None:
+    """`python train.py <args>` in one process (Lightning starts any other rank), to the end."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def results(root: Path) -> dict:
@@ -68,15 +81,7 @@ def test_two_nodes_shard_like_one_process(tmp_path):
     """The stages after training redone on 2 nodes: each node's rank takes half the images with
     half the node's pool (both nodes are this host), and the gathered scores and label files
     equal the single process's."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *ARGS],
-        cwd=ROOT,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    _train(tmp_path, *ARGS)
     single = results(tmp_path)
     rdir = round_dir(tmp_path)
     labels = {p.name: p.read_bytes() for p in (rdir / "make_ir_labels/ir_labels").glob("*.png")}
@@ -107,15 +112,7 @@ def test_two_nodes_train_as_two_ranks_on_one_node(tmp_path):
     one, two = tmp_path / "one_node", tmp_path / "two_nodes"
     one.mkdir(), two.mkdir()
     stages = "stages=[train_cam,make_cams,eval_cams]"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *BASE, stages, "trainer=ddp_cpu"],
-        cwd=ROOT,
-        env=_env(one),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    _train(one, *BASE, stages, "trainer=ddp_cpu")
     run_nodes(two, stages, base=BASE)
     a = torch.load(round_dir(one) / "train_cam/cam_net.pt", map_location="cpu")
     b = torch.load(round_dir(two) / "train_cam/cam_net.pt", map_location="cpu")

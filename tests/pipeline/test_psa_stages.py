@@ -23,7 +23,7 @@ from src.pipeline.stage import StageContext
 from src.pipeline.stages.cam import CAM_DIR, WEIGHTS_FILE
 from src.pipeline.stages.pseudo_masks import AFFINITY_LABEL_DIR, MASK_DIR, eval_pseudo
 from src.utils.weights import save_weights
-from tests.conftest import FAST_CAM, TINY_SYNTH, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -42,8 +42,8 @@ FAST_PSA = [
 def psa_cfg(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("psa")
     # Eight 64 px training images: one training step, one walk batch.
-    small = [*TINY_SYNTH, "data.generator.num_train=8", "data.generator.num_val=2"]
-    cfg = compose_cfg(["experiment=synth", "conta=off", *small, *FAST_CAM, *FAST_PSA], tmp)
+    small = [TINY, "data.generator.num_train=8", "data.generator.num_val=2"]
+    cfg = compose_cfg(["experiment=synth", "conta=off", *small, *FAST_PSA], tmp)
     with open_dict(cfg):
         cfg.figure_images = 1
     return cfg

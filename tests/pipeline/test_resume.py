@@ -32,7 +32,7 @@ from src.pipeline import driver
 from src.pipeline.artifacts import StageDir, missing_items, resume_counts
 from src.pipeline.stage import StageContext
 from src.pipeline.stages.cam import read_weights
-from tests.conftest import FAST
+from tests.conftest import TINY, TINY_OUTPUTS
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -42,16 +42,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
     "experiment=synth",
     "conta=off",
-    *FAST,
+    TINY,
     "cam.inference.batch_size=1",
     "callbacks.rich_progress_bar=null",
 ]
-IRNET_RUN = "outputs/synth_irnet/seed_0"
-TRAIN_IMAGES = 24  # tests.conftest.TINY_SYNTH
+IRNET_RUN = f"{TINY_OUTPUTS}/synth_irnet/seed_0"
+TRAIN_IMAGES = 24  # conf/debug/tiny.yaml
 # The classifier alone, for three epochs of 24 / 8 = 3 optimizer steps.
-CAM_ARGS = ["experiment=synth_cam", *FAST, "cam.max_epochs=3", "stages=[train_cam]"]
+CAM_ARGS = ["experiment=synth_cam", TINY, "cam.max_epochs=3", "stages=[train_cam]"]
 STEPS_PER_EPOCH = 3
-CAM_STAGE = "outputs/synth_irnet_cam/seed_0/round_0/train_cam"
+CAM_STAGE = f"{TINY_OUTPUTS}/synth_irnet_cam/seed_0/round_0/train_cam"
 
 
 class KillMidEpoch(L.Callback):
@@ -306,13 +306,13 @@ def test_training_resume_metrics(tmp_path, steps):
 
 SEGMENTER_ARGS = [
     "experiment=synth_supervised",
-    *FAST,
+    TINY,
     "stages=[train_cam,train_segmenter]",
     "segmenter.max_steps=12",  # four epochs of 24 / 8 = 3 steps
     "num_workers=0",
     "callbacks.rich_progress_bar=null",
 ]
-SEGMENTER_STAGE = "outputs/synth_supervised/seed_0/round_0/train_segmenter"
+SEGMENTER_STAGE = f"{TINY_OUTPUTS}/synth_supervised/seed_0/round_0/train_segmenter"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from src.pipeline.reuse import (
     reuse_stage,
 )
 from src.train import train
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import TINY, compose_cfg
 from tests.pipeline.conftest import ROUND0, copy_run
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
@@ -39,7 +39,7 @@ SCORING = ["eval_cams", "eval_pseudo", "eval_segmenter"]
 def _conta_off(finished_run, tmp_path):
     """A conta=off run of the finished run's recipe, on its data, in another output folder."""
     donor_cfg, _ = finished_run
-    cfg = compose_cfg(["experiment=synth_conta", "conta=off", *FAST], tmp_path)
+    cfg = compose_cfg(["experiment=synth_conta", "conta=off", TINY], tmp_path)
     with open_dict(cfg):
         cfg.paths.data_dir = donor_cfg.paths.data_dir
         cfg.reuse_from = [donor_cfg.paths.run_dir]

@@ -13,7 +13,7 @@ from src.pipeline.run_recipe import (
 )
 from src.train import train
 from src.utils.errors import UserError
-from tests.conftest import TINY_SYNTH, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 
 def test_a_folder_made_by_another_backbone_names_both_and_the_fix(tmp_path):
@@ -41,7 +41,7 @@ def test_the_same_recipe_and_a_new_folder_pass(tmp_path):
 
 
 def test_train_refuses_before_any_stage_runs(tmp_path):
-    first = compose_cfg(["conta=off", *TINY_SYNTH], tmp_path)
+    first = compose_cfg(["conta=off", TINY], tmp_path)
     run_dir = tmp_path / "outputs" / first.experiment_name / "seed_0"
     run_dir.mkdir(parents=True)
     record_run_recipe(compose_cfg(["conta=off", "backbone=resnet50"]), run_dir)

@@ -25,7 +25,7 @@ from src.models.seeded import seeded_net
 from src.postprocess.crf import CRFParams
 from src.postprocess.cues import CueStats, write_cues
 from src.utils.errors import MissingArtifactError
-from tests.conftest import TINY_SYNTH, compose_cfg
+from tests.conftest import TINY, compose_cfg
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seeded")
-    cfg = compose_cfg(["method=sec", *TINY_SYNTH, "seeded.input_size=64", "seeded.flip=true"], tmp)
+    cfg = compose_cfg(["method=sec", TINY, "seeded.flip=true"], tmp)
     prepare_data(cfg.data)
     return cfg
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_CAM, TINY_SYNTH
+from tests.conftest import TINY, TINY_OUTPUTS
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
 pytestmark = pytest.mark.integration
@@ -30,8 +30,8 @@ def run_cli(args: list[str], tmp_path: Path) -> dict:
 @pytest.mark.slow
 def test_cam_stages_under_ddp_cpu(tmp_path):
     """Two gloo processes: every CAM written once, one DONE per stage, one results file."""
-    results = run_cli(["experiment=synth_cam", "trainer=ddp_cpu", *TINY_SYNTH, *FAST_CAM], tmp_path)
-    run_dir = tmp_path / "outputs/synth_irnet_cam/seed_0/round_0"
+    results = run_cli(["experiment=synth_cam", "trainer=ddp_cpu", TINY], tmp_path)
+    run_dir = tmp_path / TINY_OUTPUTS / "synth_irnet_cam/seed_0/round_0"
     assert len(list((run_dir / "make_cams/cams").glob("*.npz"))) == 24
     assert not list((run_dir / "make_cams/cams").glob(".*.tmp"))
     for stage in ("train_cam", "make_cams", "eval_cams"):

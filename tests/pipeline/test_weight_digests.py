@@ -24,7 +24,7 @@ from src.pipeline.stages.cam import (
 )
 from src.utils.errors import MissingArtifactError, UserError
 from src.utils.weights import WEIGHTS_FORMAT, save_weights, tensor_digest
-from tests.conftest import TINY_SYNTH, compose_cfg
+from tests.conftest import TINY, compose_cfg
 from tests.test_untrusted_files import _flip_a_weight_byte
 
 # Runs a pipeline, a CLI or several processes: `make test-integration` (CI runs it too).
@@ -43,7 +43,7 @@ def _net(stage: str, root: Path) -> torch.nn.Module:
     """The net `stage` saves, built as the stage builds it (a classifier saved in `root` first
     where the net starts from it)."""
     method, _ = KINDS[stage]
-    cfg = compose_cfg([*TINY_SYNTH, f"method={method}", "conta=off"])
+    cfg = compose_cfg([TINY, f"method={method}", "conta=off"])
     torch.manual_seed(0)
     classifier = build_cam_classifier(cfg).net
     if stage == "train_cam":
@@ -138,7 +138,7 @@ def test_a_damaged_classifier_file_is_refused_where_the_stages_load_it(
     """Every kind goes through read_weights; the classifier's loader stands for them."""
     change, expected = DAMAGED[case]
     torch.save(change(_payload(classifier_file)), tmp_path / WEIGHTS_FILE)
-    cfg = compose_cfg([*TINY_SYNTH, "method=irnet", "conta=off"])
+    cfg = compose_cfg([TINY, "method=irnet", "conta=off"])
     with pytest.raises(WeightsFileError, match=expected) as err:
         load_cam_classifier(cfg, tmp_path)
     assert str(tmp_path / WEIGHTS_FILE) in str(err.value)
