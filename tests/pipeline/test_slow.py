@@ -23,7 +23,8 @@ def run_cli(args: list[str], tmp_path: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), *args, "callbacks.rich_progress_bar=null"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    run_dir = next((tmp_path / "outputs").glob("*/seed_0"))
+    # outputs/<name>/seed_0, or outputs/tiny/<name>/seed_0 at debug=tiny
+    run_dir = next((tmp_path / "outputs").rglob("seed_0"))
     return json.loads((run_dir / "results.json").read_text())
 
 
