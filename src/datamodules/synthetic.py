@@ -43,6 +43,8 @@ and a classifier's CAM can leak onto it. ``data.generator.confounder`` picks wha
   What tells twins apart is mainly their usual context (home anchor and partner texture, 90 %
   of train objects, 50 % of val), the paper's confounder (a context prior: where and next to
   what a class is usually seen), and a faint colour cue that pixel supervision can use.
+* ``twins_same_hue``: ``twins`` with one hue distribution for both twins of a pair: nothing in
+  an object's own pixels tells twins apart, only their context (home anchor, partner texture).
 
 ``ContextRegions/{id}.png`` marks every such region (surround or partner) with k (its label id,
 see ``label_ids``), the class whose home texture it carries, on background pixels only, so the
@@ -165,7 +167,7 @@ HOME_CONTEXT = dict(zip(SYNTH_CLASSES[1:], SYNTH_CONTEXTS, strict=True))
 HOME_LAYOUT = {c: ALL_HOME_LAYOUT[c] for c in SYNTH_CLASSES[1:]}
 COCO_CATEGORY_IDS = ALL_COCO_CATEGORY_IDS[:MIN_CLASSES]
 PAIR = {"mount": "square", "rider": "triangle"}  # rider stands on the mount, like horse & rider
-CONFOUNDERS = ("texture", "layout", "both", "twins")
+CONFOUNDERS = ("texture", "layout", "both", "twins", "twins_same_hue")
 
 _MOUNT = ALL_CLASSES.index(PAIR["mount"])
 _RIDER = ALL_CLASSES.index(PAIR["rider"])
@@ -188,9 +190,11 @@ _AREA_COEF = {
 _BASE_HUE = {k: 60.0 * (k - 1) if k <= 6 else 60.0 * (k - 7) + 30.0 for k in range(1, 13)}
 _HUE_JITTER = 35.0  # > half the 60 degree spacing: colour helps but never decides alone
 # twins: classes 2j-1 and 2j share the shape and fill pattern of class 2j-1; their hues sit
-# +-_TWIN_HUE_OFFSET around the pair's mean base hue, each jittered by +-_TWIN_HUE_JITTER, so
-# a third of each twin's hue range overlaps the other's: colour helps a little, never decides.
-_TWIN_HUE_OFFSET, _TWIN_HUE_JITTER = 8.0, 12.0
+# +-offset around the pair's mean base hue, each jittered by +-_TWIN_HUE_JITTER: at 8 degrees
+# a third of each twin's hue range overlaps the other's (colour helps a little, never decides);
+# twins_same_hue: 0, one hue distribution for both (only context tells them apart).
+_TWIN_HUE_OFFSETS = {"twins": 8.0, "twins_same_hue": 0.0}
+_TWIN_HUE_JITTER = 12.0
 # Default of data.generator.object_area: every object's full shape (before occlusion) covers
 # 10-15% of the image; the shrink-to-fit logic never goes below the minimum.
 _OBJECT_AREA = (0.10, 0.15)
@@ -445,14 +449,14 @@ def _plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 # -- objects ---------------------------------------------------------------------------------
-def _twin_look(cls: int, num_classes: int) -> tuple[int, float]:
+def _twin_look(cls: int, num_classes: int, offset: float) -> tuple[int, float]:
     """twins: the class whose shape and pattern ``cls`` is drawn with, and its hue centre (deg).
     A last class without a twin (odd num_classes) keeps its own look and base hue."""
     look = cls - 1 if cls % 2 == 0 else cls
     if look + 1 > num_classes:
         return cls, _BASE_HUE[cls]
     centre = (_BASE_HUE[look] + _BASE_HUE[look + 1]) / 2
-    return look, centre + (_TWIN_HUE_OFFSET if cls % 2 == 0 else -_TWIN_HUE_OFFSET)
+    return look, centre + (offset if cls % 2 == 0 else -offset)
 
 
 def _shape(
@@ -567,18 +571,18 @@ def _group(
     size: int,
     area_scale: float,
     object_area: tuple[float, float] = _OBJECT_AREA,
-    twins: int = 0,
+    twins: tuple[int, float] | None = None,
 ):
     """Shapes of one group (a primary object, plus its rider standing on it) in group-local
     coordinates: list of (cls, mask, rgb, (oy, ox)) and the group's (height, width). Each shape's
     area is drawn in ``object_area`` (fractions of the image), the range's upper part scaled by
-    ``area_scale`` (0 = every shape at the minimum). ``twins`` (the class count, 0 = off): each
-    shape is drawn with its twin look (see _twin_look)."""
+    ``area_scale`` (0 = every shape at the minimum). ``twins`` (the class count and the twins'
+    hue offset; None = off): each shape is drawn with its twin look (see _twin_look)."""
     lo, hi = object_area
     parts = []
     for cls in classes:
         area = (lo + rng.uniform(0, hi - lo) * area_scale) * size * size
-        look, hue = _twin_look(cls, twins) if twins else (cls, None)
+        look, hue = _twin_look(cls, *twins) if twins else (cls, None)
         r = float(np.sqrt(area / _AREA_COEF[look]))
         parts.append((cls, *_shape(cls, rng, r, look if twins else None, hue)))
     if len(parts) == 1:
@@ -842,7 +846,7 @@ def _render_layout(
     surround: bool,
     num_classes: int,
     area: tuple[float, float],
-    twins: bool = False,
+    twin_hue_offset: float | None = None,
 ):
     primaries, group_classes, contexts = _draw_classes(rng, p_home, pair_prob, num_classes)
     homes = [k == c for k, c in zip(contexts, primaries, strict=True)]
@@ -850,11 +854,10 @@ def _render_layout(
     shift = rng.uniform(-_SHIFT, _SHIFT, 2)  # the image's latent layout
     # Shrink the objects (never below the minimum area) until they fit without much overlap; a
     # home object that still finds no room at home after a few shrinks goes elsewhere, no home.
+    twins = None if twin_hue_offset is None else (num_classes, twin_hue_offset)
     for attempt in range(12):
         scale = max(0.0, 1.0 - attempt / 8)
-        groups = [
-            _group(g, rng, size, scale, area, num_classes if twins else 0) for g in group_classes
-        ]
+        groups = [_group(g, rng, size, scale, area, twins) for g in group_classes]
         placed = _place_layout(
             groups, primaries, homes, specs, shift, rng, size, attempt < 11, attempt >= 3
         )
@@ -915,7 +918,7 @@ def render_image(
             confounder == "both",
             num_classes,
             area,
-            twins=confounder == "twins",
+            twin_hue_offset=_TWIN_HUE_OFFSETS.get(confounder),
         )
     sample["rider"] = any(len(g) == 2 for g in group_classes)
     lut = _label_lut(num_classes, label_ids)
@@ -1115,7 +1118,7 @@ def ensure_synthetic_voc(
 ) -> Path:
     """Generate the synthetic set under ``root`` unless it is already there with these args.
 
-    ``confounder`` (texture | layout | both | twins) picks the bias, see the module docstring.
+    ``confounder`` (texture | layout | both | twins | twins_same_hue) picks the bias, see the module docstring.
     ``num_classes`` (6..12) object classes are drawn, the first of ``ALL_CLASSES``; each object's
     full shape covers ``object_area`` = (min, max) of the image; class k is written as
     ``label_ids[k - 1]`` (default k) in SegmentationClass and ContextRegions. Lists (as Hydra

@@ -667,6 +667,17 @@ def test_twins_share_shape_and_nearly_their_colour():
     assert 8 < hue4.mean() - hue3.mean() < 26
 
 
+def test_twins_same_hue_leave_only_context_to_tell_twins_apart():
+    """twins_same_hue: the twins' shapes as under twins, and one hue distribution for both."""
+    same = _single_objects("twins_same_hue")
+    for a, b in ((3, 4), (5, 6)):
+        assert min(len(same[a]), len(same[b])) >= 8
+        hue_a, hue_b = (np.array([h for _, h in same[c]]) for c in (a, b))
+        assert abs(hue_a.mean() - hue_b.mean()) < 6  # twins: 8-26 degrees apart
+        fill_a, fill_b = (np.median([f for f, _ in same[c]]) for c in (a, b))
+        assert abs(fill_a - fill_b) < 0.03
+
+
 def test_twins_keep_the_layout_bias(tmp_path: Path):
     """The home (anchor + partner texture) still holds far more often in train than in val."""
     root = ensure_synthetic_voc(
