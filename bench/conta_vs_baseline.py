@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument(
         "--confounder",
         default="layout",
-        choices=["layout", "texture", "both", "twins"],
+        choices=["layout", "texture", "both", "twins", "twins_same_hue"],
         help="generated sets only (data configs with a generator)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
