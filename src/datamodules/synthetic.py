@@ -1118,7 +1118,8 @@ def ensure_synthetic_voc(
 ) -> Path:
     """Generate the synthetic set under ``root`` unless it is already there with these args.
 
-    ``confounder`` (texture | layout | both | twins | twins_same_hue) picks the bias, see the module docstring.
+    ``confounder`` (texture | layout | both | twins | twins_same_hue) picks the bias, see the
+    module docstring.
     ``num_classes`` (6..12) object classes are drawn, the first of ``ALL_CLASSES``; each object's
     full shape covers ``object_area`` = (min, max) of the image; class k is written as
     ``label_ids[k - 1]`` (default k) in SegmentationClass and ContextRegions. Lists (as Hydra
