@@ -24,7 +24,8 @@ leakage, the error decomposition of the pseudo-masks and the context diagnostics
 the CONTA gain (round T - round 0) paired across seeds with its 95 % CI, a paired t-test and the
 minimum detectable effect (MDE: the smallest true gain this many seeds would detect with 80 %
 power at the 5 % level, given the measured spread); and each variant's round-`--ablation-rounds`
-numbers and gain next to the default's. Primary endpoints: pseudo-mask mIoU and context leakage
+numbers and gain next to the default's, and the default − variant difference (paired by seed,
+with its CI: which part of CONTA a gain comes from). Primary endpoints: pseudo-mask mIoU and context leakage
 on train; secondary: seg and seg+CRF on val. Writes the same tables to
 outputs/bench/conta_vs_baseline_<run>.md.
 """
@@ -243,24 +244,34 @@ def ablation_table(base: dict[int, dict], ablations: dict[str, dict[int, dict]],
         f"Variant (round {r})",
         *[n for n, _ in cols],
         *[f"{n} gain vs r0 [95 % CI]" for n, _ in gains],
+        # Which part of CONTA a gain comes from: the default against each control, same seeds.
+        *[f"{n}: default − variant [95 % CI]" for n, _ in gains],
         "alpha_max",
         "m_logit_share",
     ]
     rows = []
     for name, res in [("default (calibrated, layer4_in)", base), *ablations.items()]:
         cells = [mean_std([value(x[str(r)], k) for x in res.values()]) for _, k in cols]
-        for _, key in gains:
-            a = [value(base[s]["0"], key) for s in res]
-            b = [value(x[str(r)], key) for x in res.values()]
-            if any(v is None for v in a + b):
-                cells.append("–")
-                continue
-            mean, _, half, _ = paired_gain(a, b)
-            cells.append(f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]")
+        seeds = list(res)
+        for _, key in gains:  # the variant's round r against round 0 of the same seed
+            a = [value(base[s]["0"], key) for s in seeds]
+            cells.append(ci_cell(a, [value(res[s][str(r)], key) for s in seeds]))
+        for _, key in gains:  # the default against the variant, both at round r
+            a = [value(res[s][str(r)], key) for s in seeds]
+            b = [value(base[s][str(r)], key) for s in seeds]
+            cells.append("–" if res is base else ci_cell(a, b))
         for key in ("context.alpha_max", "context.m_logit_share"):
             cells.append(ctx_mean_std([value(x[str(r)], key) for x in res.values()]))
         rows.append([name, *cells])
     return table(headers, rows)
+
+
+def ci_cell(a: list[float | None], b: list[float | None]) -> str:
+    """b − a paired across seeds as "gain [95 % CI]" in points; "–" where a value is missing."""
+    if any(v is None for v in a + b):
+        return "–"
+    mean, _, half, _ = paired_gain(a, b)
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
 def seed_round0_copy(base: str, name: str, seed: int) -> None:

@@ -57,6 +57,26 @@ def test_leakage_columns_only_where_a_run_reports_them():
     assert "Leak" not in bench.per_round_table(without, 0)
 
 
+def test_variant_rows_pair_the_default_against_each_control():
+    """A control's row gives its gain over round 0 and the default − control difference, both
+    paired by seed; the default's own row has no difference with itself."""
+    r0, default, control = [0.60, 0.62, 0.58], [0.63, 0.66, 0.60], [0.61, 0.62, 0.61]
+    base = {s: {"0": {"pseudo_miou": r0[s]}, "1": {"pseudo_miou": default[s]}} for s in range(3)}
+    shuffled = {s: {"1": {"pseudo_miou": control[s]}} for s in range(3)}
+    rows = bench.ablation_table(base, {"shuffled_m": shuffled}, 1).splitlines()
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    cells = {
+        r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows[2:]
+    }
+    gain_col = header.index("Pseudo gain vs r0 [95 % CI]")
+    diff_col = header.index("Pseudo: default − variant [95 % CI]")
+    mean, _, half, _ = bench.paired_gain(control, default)
+    assert cells["shuffled_m"][diff_col] == f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+    mean, _, half, _ = bench.paired_gain(r0, control)
+    assert cells["shuffled_m"][gain_col] == f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+    assert cells["default (calibrated, layer4_in)"][diff_col] == "–"
+
+
 @pytest.fixture(scope="module")
 def voc_layout_folder(tmp_path_factory) -> Path:
     """A plain VOC-layout folder as a user would bring it: JPEGImages, SegmentationClass
