@@ -237,7 +237,11 @@ def ablation_table(base: dict[int, dict], ablations: dict[str, dict[int, dict]],
         ("Seg+CRF", "seg_crf_miou"),
         ("Leak pseudo", "pseudo_context_leakage"),
     ]
-    gains = [("Pseudo", "pseudo_miou"), ("Leak pseudo", "pseudo_context_leakage")]
+    gains = [
+        ("Pseudo", "pseudo_miou"),
+        ("Leak pseudo", "pseudo_context_leakage"),
+        ("Seg+CRF", "seg_crf_miou"),
+    ]
     reported = set(keys(base))
     cols, gains = [c for c in cols if c in reported], [g for g in gains if g in reported]
     headers = [
