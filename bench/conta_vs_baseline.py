@@ -25,8 +25,8 @@ the CONTA gain (round T - round 0) paired across seeds with its 95 % CI, a paire
 minimum detectable effect (MDE: the smallest true gain this many seeds would detect with 80 %
 power at the 5 % level, given the measured spread); and each variant's round-`--ablation-rounds`
 numbers and gain next to the default's, and the default − variant difference (paired by seed,
-with its CI: which part of CONTA a gain comes from). Primary endpoints: pseudo-mask mIoU and context leakage
-on train; secondary: seg and seg+CRF on val. Writes the same tables to
+with its CI: which part of CONTA a gain comes from). Primary endpoints: pseudo-mask mIoU and
+context leakage on train; secondary: seg and seg+CRF on val. Writes the same tables to
 outputs/bench/conta_vs_baseline_<run>.md.
 """
 
